@@ -1,0 +1,17 @@
+"""jax_transducer: RNN-Transducer loss and viterbi for JAX, as XLA FFI custom calls.
+
+    costs = transducer_loss(emissions, predictions, labels, input_lengths, label_lengths)
+    best = viterbi(emissions, predictions, input_lengths, label_lengths)
+"""
+
+from . import _ffi
+from .loss import TransducerLoss, transducer_loss
+from .viterbi import viterbi
+
+__version__ = "0.1.0"
+__all__ = ["transducer_loss", "viterbi", "TransducerLoss", "build_info", "__version__"]
+
+
+def build_info():
+    """What this install holds: {"cpu": bool, "cuda": bool, "version": str}."""
+    return {"cpu": True, "cuda": _ffi.has_cuda(), "version": __version__}

@@ -1,0 +1,106 @@
+"""Argument checks: shapes and dtypes at trace time, values when they are concrete.
+
+Inside jit the values are unknown, so `valid_examples` computes the same rules as a (B,) mask: the
+loss gives an invalid example a NaN cost and zero gradient, viterbi an all-blank row.
+"""
+
+import operator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FLOAT_DTYPES = (jnp.float32, jnp.float64)
+
+
+def _shape_error(name, expected, actual):
+    return ValueError(f"{name}: expected shape {expected}, got {tuple(actual)}")
+
+
+def _concrete(x):
+    """The value of x as a NumPy array, or None while it is traced."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _as_int32(name, x, ndim):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name}: expected an integer array, got dtype {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name}: expected rank {ndim}, got shape {x.shape}")
+    return x.astype(jnp.int32)
+
+
+def check_scores(emissions, predictions):
+    """Checks the float inputs; returns them as arrays and (B, T, U, V)."""
+    emissions, predictions = jnp.asarray(emissions), jnp.asarray(predictions)
+    for name, x in (("emissions", emissions), ("predictions", predictions)):
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected float32 or float64, got dtype {x.dtype}")
+        if x.ndim != 3:
+            raise ValueError(f"{name}: expected rank 3, got shape {x.shape}")
+    if emissions.dtype != predictions.dtype:
+        raise TypeError(f"predictions: expected dtype {emissions.dtype} (as emissions), "
+                        f"got {predictions.dtype}")
+    B, T, V = emissions.shape
+    if predictions.shape[0] != B or predictions.shape[2] != V or predictions.shape[1] < 1:
+        raise _shape_error("predictions", f"({B}, U+1 >= 1, {V})", predictions.shape)
+    if T < 1 or V < 1:
+        raise _shape_error("emissions", "(B, T >= 1, V >= 1)", emissions.shape)
+    return emissions, predictions, (B, T, predictions.shape[1] - 1, V)
+
+
+def check_blank(blank, V):
+    try:
+        blank = operator.index(blank)
+    except TypeError:
+        raise TypeError(f"blank: expected a Python int, got {type(blank).__name__}") from None
+    if not 0 <= blank < V:
+        raise ValueError(f"blank: expected an index in [0, {V}), got {blank}")
+    return blank
+
+
+def check_lengths(input_lengths, label_lengths, dims):
+    B, T, U, _ = dims
+    input_lengths = _as_int32("input_lengths", input_lengths, 1)
+    label_lengths = _as_int32("label_lengths", label_lengths, 1)
+    for name, x in (("input_lengths", input_lengths), ("label_lengths", label_lengths)):
+        if x.shape != (B,):
+            raise _shape_error(name, (B,), x.shape)
+    for name, x, lo, hi in (("input_lengths", input_lengths, 1, T),
+                            ("label_lengths", label_lengths, 0, U)):
+        value = _concrete(x)
+        if value is not None and value.size and not ((value >= lo) & (value <= hi)).all():
+            bad = int(np.flatnonzero((value < lo) | (value > hi))[0])
+            raise ValueError(f"{name}: expected values in [{lo}, {hi}], got {value[bad]} "
+                             f"at example {bad}")
+    return input_lengths, label_lengths
+
+
+def check_labels(labels, label_lengths, dims):
+    B, _, U, V = dims
+    labels = _as_int32("labels", labels, 2)
+    if labels.shape != (B, U):
+        raise _shape_error("labels", f"({B}, {U}) (U from predictions' U+1)", labels.shape)
+    value, lengths = _concrete(labels), _concrete(label_lengths)
+    if value is not None and lengths is not None:
+        used = np.arange(U)[None, :] < lengths[:, None]
+        bad = used & ((value < 0) | (value >= V))
+        if bad.any():
+            b, u = map(int, np.argwhere(bad)[0])
+            raise ValueError(f"labels: expected values in [0, {V}) where u < label_lengths, got "
+                             f"{value[b, u]} at example {b}, position {u}")
+    return labels
+
+
+def valid_examples(input_lengths, label_lengths, dims, labels=None):
+    """(B,) bool: the examples whose lengths (and labels, if given) are in range."""
+    _, T, U, V = dims
+    ok = (input_lengths >= 1) & (input_lengths <= T) & (label_lengths >= 0) & (label_lengths <= U)
+    if labels is not None:
+        used = jnp.arange(U) < label_lengths[:, None]
+        ok &= jnp.all(~used | ((labels >= 0) & (labels < V)), axis=1)
+    return ok

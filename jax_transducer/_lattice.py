@@ -1,0 +1,68 @@
+"""From joiner scores to the compact lattice, and the differentiable lattice cost.
+
+The (B, T, U+1) blank and label log-probabilities are all the kernels see; their gradients (the
+move flows) flow back through gathers and the normaliser's matmuls under ordinary autodiff.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from . import _ffi
+from ._normalizer import log_normalizer
+
+
+def masked_scores(emissions, predictions, input_lengths, label_lengths, valid):
+    """Zeros the padding (t >= input_length, u > label_length, invalid examples) so that any value
+    there, NaN and inf included, cannot reach a result, and gets exactly zero gradient."""
+    T, U1 = emissions.shape[1], predictions.shape[1]
+    t_used = valid[:, None] & (jnp.arange(T) < input_lengths[:, None])
+    u_used = valid[:, None] & (jnp.arange(U1) <= label_lengths[:, None])
+    return (jnp.where(t_used[..., None], emissions, 0),
+            jnp.where(u_used[..., None], predictions, 0))
+
+
+def blank_log_probs(emissions, predictions, log_norm, blank):
+    """(B, T, U+1) log-probability of the blank at every lattice node."""
+    return emissions[:, :, blank, None] + predictions[:, None, :, blank] - log_norm
+
+
+def label_log_probs(emissions, predictions, log_norm, labels):
+    """(B, T, U+1) log-probability of labels[b, u] at node (t, u); labels is (B, U+1)."""
+    B, T, _ = emissions.shape
+    from_e = jnp.take_along_axis(emissions, jnp.broadcast_to(labels[:, None, :], (B, T, labels.shape[1])),
+                                 axis=2)
+    from_p = jnp.take_along_axis(predictions, labels[:, :, None], axis=2)[..., 0]
+    return from_e + from_p[:, None, :] - log_norm
+
+
+def kernel_lengths(input_lengths, label_lengths, valid):
+    """(B, 1) lengths for the kernels; an input length of 0 marks an invalid example."""
+    return (jnp.where(valid, input_lengths, 0)[:, None], label_lengths[:, None])
+
+
+@jax.custom_vjp
+def lattice_costs(blank_lp, emit_lp, input_lengths, label_lengths):
+    """(B, 1) costs -log P(labels | lattice); (B, 1) int32 lengths."""
+    return _ffi.forward(blank_lp, emit_lp, input_lengths, label_lengths)[0]
+
+
+def _lattice_costs_fwd(blank_lp, emit_lp, input_lengths, label_lengths):
+    costs, alpha = _ffi.forward(blank_lp, emit_lp, input_lengths, label_lengths)
+    return costs, (blank_lp, emit_lp, alpha, costs, input_lengths, label_lengths)
+
+
+def _lattice_costs_bwd(residuals, g):
+    flow_blank, flow_emit = _ffi.backward(*residuals)
+    # d cost / d log-prob of a move is minus its flow; invalid examples have zero flows.
+    g = g[..., None]
+    return -g * flow_blank, -g * flow_emit, None, None
+
+
+lattice_costs.defvjp(_lattice_costs_fwd, _lattice_costs_bwd)
+
+
+def prepare(emissions, predictions, input_lengths, label_lengths, valid, blank):
+    """Masked scores, the log-normaliser and the blank log-probabilities: what loss and viterbi share."""
+    emissions, predictions = masked_scores(emissions, predictions, input_lengths, label_lengths, valid)
+    log_norm = log_normalizer(emissions, predictions)
+    return emissions, predictions, log_norm, blank_log_probs(emissions, predictions, log_norm, blank)

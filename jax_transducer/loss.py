@@ -1,0 +1,85 @@
+"""The RNN-T loss of an additive joiner."""
+
+import jax.numpy as jnp
+
+from . import _checks
+from ._lattice import kernel_lengths, label_log_probs, lattice_costs, prepare
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def transducer_loss(emissions, predictions, labels, input_lengths, label_lengths, blank=0,
+                    reduction="none"):
+    """RNN-Transducer loss with the additive joiner logits[b,t,u,:] = emissions[b,t,:] + predictions[b,u,:].
+
+    Args:
+      emissions: (B, T, V) float32 or float64 unnormalised encoder scores.
+      predictions: (B, U+1, V) unnormalised prediction-network scores, same dtype.
+      labels: (B, U) integer targets (converted to int32).
+      input_lengths: (B,) integers in [1, T]: example b uses frames t < input_lengths[b].
+      label_lengths: (B,) integers in [0, U]: example b uses labels u < label_lengths[b].
+      blank: Python int in [0, V), the blank label.
+      reduction: "none" -> (B,) costs; "sum" or "mean" over the batch -> a scalar.
+
+    Returns:
+      Costs in the inputs' dtype. The cost of example b is -log of the total probability of all
+      lattice paths from (0, 0) that emit labels[b, :label_lengths[b]] in order and end with the
+      blank out of (input_lengths[b] - 1, label_lengths[b]); the log-softmax is over V.
+
+    Bad input: shapes, dtypes and `blank` are checked at trace time (ValueError/TypeError). Out of
+    range lengths, or labels outside [0, V) below label_length, raise ValueError in eager calls;
+    inside jit such an example gets a NaN cost and a zero gradient, the others are untouched.
+    Padding (t >= input_length, u > label_length, labels past label_length) never affects a
+    result and gets exactly zero gradient, whatever it holds, NaN and inf included.
+
+    Memory: O(B*T*U + B*(T+U)*V); the (B, T, U+1, V) joiner is never formed, forward or backward.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    emissions, predictions, dims = _checks.check_scores(emissions, predictions)
+    blank = _checks.check_blank(blank, dims[3])
+    input_lengths, label_lengths = _checks.check_lengths(input_lengths, label_lengths, dims)
+    labels = _checks.check_labels(labels, label_lengths, dims)
+    valid = _checks.valid_examples(input_lengths, label_lengths, dims, labels)
+
+    emissions, predictions, log_norm, blank_lp = prepare(
+        emissions, predictions, input_lengths, label_lengths, valid, blank)
+    # Labels past label_length (and the extra column for u = U) read the blank: in range, unused.
+    used = jnp.arange(dims[2]) < label_lengths[:, None]
+    safe = jnp.where(used & valid[:, None], labels, blank)
+    safe = jnp.pad(safe, ((0, 0), (0, 1)), constant_values=blank)
+    emit_lp = label_log_probs(emissions, predictions, log_norm, safe)
+
+    costs = lattice_costs(blank_lp, emit_lp, *kernel_lengths(input_lengths, label_lengths, valid))
+    costs = costs[:, 0]
+    if reduction == "sum":
+        return costs.sum()
+    if reduction == "mean":
+        return costs.mean()
+    return costs
+
+
+class TransducerLoss:
+    """The loss and viterbi with fixed `blank` and `reduction`, shaped like the original C++/PyTorch
+    transducer package's object: `loss(emissions, predictions, labels, input_lengths,
+    label_lengths)` (also `.apply(...)`) and `.viterbi(emissions, predictions, input_lengths,
+    label_lengths)`."""
+
+    def __init__(self, blank=0, reduction="none"):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        self.blank = blank
+        self.reduction = reduction
+
+    def __call__(self, emissions, predictions, labels, input_lengths, label_lengths):
+        return transducer_loss(emissions, predictions, labels, input_lengths, label_lengths,
+                               blank=self.blank, reduction=self.reduction)
+
+    apply = __call__
+
+    def viterbi(self, emissions, predictions, input_lengths, label_lengths):
+        from .viterbi import viterbi
+        return viterbi(emissions, predictions, input_lengths, label_lengths, blank=self.blank)
+
+    def __repr__(self):
+        return f"TransducerLoss(blank={self.blank}, reduction={self.reduction!r})"

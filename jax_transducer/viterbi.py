@@ -1,0 +1,52 @@
+"""Teacher-forced best path (viterbi) of the additive joiner's lattice."""
+
+import jax
+import jax.numpy as jnp
+
+from . import _checks, _ffi
+from ._lattice import kernel_lengths, prepare
+
+
+def _best_labels(emissions, predictions, blank):
+    """Max and argmax over non-blank v of emissions[b,t,v] + predictions[b,u,v]: (B, T, U+1) each.
+
+    XLA fuses the broadcast add into the reduction, so the (B, T, U+1, V) scores are never stored.
+    """
+    scores = emissions[:, :, None, :] + predictions[:, None, :, :]
+    scores = jnp.where(jnp.arange(scores.shape[-1]) == blank, -jnp.inf, scores)
+    return jnp.max(scores, axis=-1), jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0):
+    """Labels along the best path of the lattice, with each label move taking the best non-blank label.
+
+    Args:
+      emissions: (B, T, V) float32 or float64 scores; predictions: (B, U+1, V), same dtype.
+      input_lengths: (B,) integers in [1, T]; label_lengths: (B,) integers in [0, U].
+      blank: Python int in [0, V).
+
+    Returns:
+      (B, U) int32. A label move at lattice node (t, u) scores the best non-blank label there
+      (argmax over v != blank of emissions[t, v] + predictions[u, v], ties to the lowest index),
+      a blank move its blank log-probability (log-softmax over V). Among the paths from (0, 0) to
+      (input_length - 1, label_length) that emit exactly label_length labels, the one with the
+      highest total log-probability (its final blank included) is returned as its labels; ties go
+      to the path that arrives at each node by a blank move. Positions >= label_length hold
+      `blank`.
+
+    Bad input behaves as in `transducer_loss`: out-of-range lengths raise ValueError in eager calls,
+    and inside jit give an all-`blank` row for that example. Not differentiable: the inputs are
+    wrapped in stop_gradient.
+    """
+    emissions, predictions, dims = _checks.check_scores(emissions, predictions)
+    blank = _checks.check_blank(blank, dims[3])
+    input_lengths, label_lengths = _checks.check_lengths(input_lengths, label_lengths, dims)
+    valid = _checks.valid_examples(input_lengths, label_lengths, dims)
+    emissions, predictions = jax.lax.stop_gradient((emissions, predictions))
+
+    emissions, predictions, log_norm, blank_lp = prepare(
+        emissions, predictions, input_lengths, label_lengths, valid, blank)
+    best, best_label = _best_labels(emissions, predictions, blank)
+    path = _ffi.viterbi_path(blank_lp, best - log_norm, best_label,
+                             *kernel_lengths(input_lengths, label_lengths, valid), blank)
+    return path[:, :dims[2]]

@@ -1,0 +1,232 @@
+// XLA FFI bindings of the CPU kernels, and the pybind11 module that hands their capsules to Python.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "../cpu/lattice_cpu.h"
+#include "common.h"
+
+namespace jax_transducer {
+namespace {
+
+// Runs fn(0..n-1) on XLA's CPU thread pool, the calling thread working too. XLA's pool has no
+// join, so completion is counted per item; a task that starts after all items are taken only
+// touches the shared counters, which it keeps alive.
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  const F* body = &fn;
+  auto work = [state, body, n]() {
+    int64_t finished = 0;
+    for (int64_t i; (i = state->next.fetch_add(1)) < n; ++finished) (*body)(i);
+    if (finished && state->done.fetch_add(finished) + finished == n) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->cv.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  for (int64_t k = 0; k < helpers; ++k) pool.Schedule(std::function<void()>(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+bool same_float_dtype(std::initializer_list<const ffi::AnyBuffer*> bufs) {
+  for (auto* b : bufs)
+    if (b->element_type() != (*bufs.begin())->element_type()) return false;
+  return true;
+}
+
+template <typename T>
+void forward_all(ffi::ThreadPool& pool, const LatticeDims& d, ffi::AnyBuffer blank,
+                 ffi::AnyBuffer emit, const int32_t* in_len, const int32_t* lab_len,
+                 ffi::Result<ffi::AnyBuffer>& costs, ffi::Result<ffi::AnyBuffer>& alpha) {
+  const int64_t slab = d.nt * d.u1;
+  const T* bl = blank.typed_data<T>();
+  const T* em = emit.typed_data<T>();
+  T* al = alpha->typed_data<T>();
+  T* co = costs->typed_data<T>();
+  parallel_for(pool, d.batch, [&](int64_t b) {
+    co[b] = cpu::forward_example(bl + b * slab, em + b * slab, al + b * slab, d.nt, d.u1,
+                                 in_len[b], lab_len[b]);
+  });
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer blank, ffi::AnyBuffer emit,
+                   ffi::Buffer<ffi::S32> in_len, ffi::Buffer<ffi::S32> lab_len,
+                   ffi::Result<ffi::AnyBuffer> costs, ffi::Result<ffi::AnyBuffer> alpha) {
+  LatticeDims d;
+  if (auto e = lattice_dims(blank, &d); e.failure()) return e;
+  for (auto e : {expect_shape("emit", emit.dimensions(), d, d.nt, d.u1),
+                 expect_shape("input_lengths", in_len.dimensions(), d, 1),
+                 expect_shape("label_lengths", lab_len.dimensions(), d, 1)})
+    if (e.failure()) return e;
+  if (!same_float_dtype({&blank, &emit})) return unsupported_dtype("forward");
+  switch (blank.element_type()) {
+    case ffi::F32:
+      forward_all<float>(pool, d, blank, emit, in_len.typed_data(), lab_len.typed_data(), costs,
+                         alpha);
+      return ffi::Error::Success();
+    case ffi::F64:
+      forward_all<double>(pool, d, blank, emit, in_len.typed_data(), lab_len.typed_data(), costs,
+                          alpha);
+      return ffi::Error::Success();
+    default:
+      return unsupported_dtype("forward");
+  }
+}
+
+template <typename T>
+void backward_all(ffi::ThreadPool& pool, const LatticeDims& d, ffi::AnyBuffer blank,
+                  ffi::AnyBuffer emit, ffi::AnyBuffer alpha, ffi::AnyBuffer costs,
+                  const int32_t* in_len, const int32_t* lab_len,
+                  ffi::Result<ffi::AnyBuffer>& flow_blank, ffi::Result<ffi::AnyBuffer>& flow_emit) {
+  const int64_t slab = d.nt * d.u1;
+  const T* bl = blank.typed_data<T>();
+  const T* em = emit.typed_data<T>();
+  const T* al = alpha.typed_data<T>();
+  const T* co = costs.typed_data<T>();
+  T* fb = flow_blank->typed_data<T>();
+  T* fe = flow_emit->typed_data<T>();
+  parallel_for(pool, d.batch, [&](int64_t b) {
+    std::vector<T> scratch(2 * d.u1);
+    cpu::backward_example(bl + b * slab, em + b * slab, al + b * slab, co[b], fb + b * slab,
+                          fe + b * slab, d.nt, d.u1, in_len[b], lab_len[b], scratch.data());
+  });
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer blank, ffi::AnyBuffer emit,
+                    ffi::AnyBuffer alpha, ffi::AnyBuffer costs, ffi::Buffer<ffi::S32> in_len,
+                    ffi::Buffer<ffi::S32> lab_len, ffi::Result<ffi::AnyBuffer> flow_blank,
+                    ffi::Result<ffi::AnyBuffer> flow_emit) {
+  LatticeDims d;
+  if (auto e = lattice_dims(blank, &d); e.failure()) return e;
+  for (auto e : {expect_shape("emit", emit.dimensions(), d, d.nt, d.u1),
+                 expect_shape("alpha", alpha.dimensions(), d, d.nt, d.u1),
+                 expect_shape("costs", costs.dimensions(), d, 1),
+                 expect_shape("input_lengths", in_len.dimensions(), d, 1),
+                 expect_shape("label_lengths", lab_len.dimensions(), d, 1)})
+    if (e.failure()) return e;
+  if (!same_float_dtype({&blank, &emit, &alpha, &costs})) return unsupported_dtype("backward");
+  switch (blank.element_type()) {
+    case ffi::F32:
+      backward_all<float>(pool, d, blank, emit, alpha, costs, in_len.typed_data(),
+                          lab_len.typed_data(), flow_blank, flow_emit);
+      return ffi::Error::Success();
+    case ffi::F64:
+      backward_all<double>(pool, d, blank, emit, alpha, costs, in_len.typed_data(),
+                           lab_len.typed_data(), flow_blank, flow_emit);
+      return ffi::Error::Success();
+    default:
+      return unsupported_dtype("backward");
+  }
+}
+
+template <typename T>
+void viterbi_all(ffi::ThreadPool& pool, const LatticeDims& d, ffi::AnyBuffer blank,
+                 ffi::AnyBuffer best, const int32_t* best_label, const int32_t* in_len,
+                 const int32_t* lab_len, int32_t blank_id, int32_t* path, uint8_t* decision) {
+  const int64_t slab = d.nt * d.u1;
+  const T* bl = blank.typed_data<T>();
+  const T* be = best.typed_data<T>();
+  parallel_for(pool, d.batch, [&](int64_t b) {
+    std::vector<T> scratch(2 * d.u1);
+    cpu::viterbi_example(bl + b * slab, be + b * slab, best_label + b * slab,
+                         decision + b * slab, path + b * d.u1, d.nt, d.u1, in_len[b], lab_len[b],
+                         blank_id, scratch.data());
+  });
+}
+
+ffi::Error Viterbi(ffi::ThreadPool pool, ffi::AnyBuffer blank, ffi::AnyBuffer best,
+                   ffi::Buffer<ffi::S32> best_label, ffi::Buffer<ffi::S32> in_len,
+                   ffi::Buffer<ffi::S32> lab_len, int32_t blank_id,
+                   ffi::Result<ffi::Buffer<ffi::S32>> path,
+                   ffi::Result<ffi::Buffer<ffi::U8>> decision) {
+  LatticeDims d;
+  if (auto e = lattice_dims(blank, &d); e.failure()) return e;
+  for (auto e : {expect_shape("best", best.dimensions(), d, d.nt, d.u1),
+                 expect_shape("best_label", best_label.dimensions(), d, d.nt, d.u1),
+                 expect_shape("input_lengths", in_len.dimensions(), d, 1),
+                 expect_shape("label_lengths", lab_len.dimensions(), d, 1),
+                 expect_shape("path", path->dimensions(), d, d.u1),
+                 expect_shape("decision", decision->dimensions(), d, d.nt, d.u1)})
+    if (e.failure()) return e;
+  if (!same_float_dtype({&blank, &best})) return unsupported_dtype("viterbi");
+  switch (blank.element_type()) {
+    case ffi::F32:
+      viterbi_all<float>(pool, d, blank, best, best_label.typed_data(), in_len.typed_data(),
+                         lab_len.typed_data(), blank_id, path->typed_data(),
+                         decision->typed_data());
+      return ffi::Error::Success();
+    case ffi::F64:
+      viterbi_all<double>(pool, d, blank, best, best_label.typed_data(), in_len.typed_data(),
+                          lab_len.typed_data(), blank_id, path->typed_data(),
+                          decision->typed_data());
+      return ffi::Error::Success();
+    default:
+      return unsupported_dtype("viterbi");
+  }
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtForwardCpu, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtBackwardCpu, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtViterbiCpu, Viterbi,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("blank")
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>());
+
+}  // namespace jax_transducer
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "jax_transducer CPU kernels (XLA FFI handlers)";
+  m.def("registrations", []() {
+    namespace py = pybind11;
+    py::dict d;
+    d["jax_transducer_forward"] = py::capsule(reinterpret_cast<void*>(jax_transducer::JtForwardCpu));
+    d["jax_transducer_backward"] =
+        py::capsule(reinterpret_cast<void*>(jax_transducer::JtBackwardCpu));
+    d["jax_transducer_viterbi"] = py::capsule(reinterpret_cast<void*>(jax_transducer::JtViterbiCpu));
+    return d;
+  });
+}
