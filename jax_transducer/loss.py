@@ -1,5 +1,8 @@
 """The RNN-T loss of an additive joiner."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from . import _checks
@@ -40,8 +43,15 @@ def transducer_loss(emissions, predictions, labels, input_lengths, label_lengths
     blank = _checks.check_blank(blank, dims[3])
     input_lengths, label_lengths = _checks.check_lengths(input_lengths, label_lengths, dims)
     labels = _checks.check_labels(labels, label_lengths, dims)
-    valid = _checks.valid_examples(input_lengths, label_lengths, dims, labels)
+    return _costs(emissions, predictions, labels, input_lengths, label_lengths, blank, reduction)
 
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _costs(emissions, predictions, labels, input_lengths, label_lengths, blank, reduction):
+    # Jitted so that eager calls compile once per shape instead of dispatching op by op.
+    B, T, V = emissions.shape
+    dims = (B, T, predictions.shape[1] - 1, V)
+    valid = _checks.valid_examples(input_lengths, label_lengths, dims, labels)
     emissions, predictions, log_norm, blank_lp = prepare(
         emissions, predictions, input_lengths, label_lengths, valid, blank)
     # Labels past label_length (and the extra column for u = U) read the blank: in range, unused.

@@ -1,5 +1,7 @@
 """Teacher-forced best path (viterbi) of the additive joiner's lattice."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -41,6 +43,13 @@ def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0):
     emissions, predictions, dims = _checks.check_scores(emissions, predictions)
     blank = _checks.check_blank(blank, dims[3])
     input_lengths, label_lengths = _checks.check_lengths(input_lengths, label_lengths, dims)
+    return _viterbi(emissions, predictions, input_lengths, label_lengths, blank)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _viterbi(emissions, predictions, input_lengths, label_lengths, blank):
+    B, T, V = emissions.shape
+    dims = (B, T, predictions.shape[1] - 1, V)
     valid = _checks.valid_examples(input_lengths, label_lengths, dims)
     emissions, predictions = jax.lax.stop_gradient((emissions, predictions))
 

@@ -1,0 +1,206 @@
+// XLA FFI bindings of the CUDA kernels, and the pybind11 module that hands their capsules to
+// Python. Host compiler only: the kernels are reached through lib/cuda/lattice_cuda.h. The
+// arguments, results and target names are those of the CPU bindings (cpu.cc); the handlers only
+// enqueue kernels on XLA's stream, so they are safe to capture in a CUDA graph.
+#include <cuda_runtime_api.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+#include "../cuda/lattice_cuda.h"
+#include "common.h"
+
+namespace jax_transducer {
+namespace {
+
+bool same_float_dtype(std::initializer_list<const ffi::AnyBuffer*> bufs) {
+  for (auto* b : bufs)
+    if (b->element_type() != (*bufs.begin())->element_type()) return false;
+  return true;
+}
+
+ffi::Error cuda_status(cudaError_t e, const char* op) {
+  if (e == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("jax_transducer: CUDA ") + op +
+                              " failed: " + cudaGetErrorString(e));
+}
+
+template <typename T>
+ffi::Error forward_all(cudaStream_t stream, const LatticeDims& d, ffi::AnyBuffer blank,
+                       ffi::AnyBuffer emit, const int32_t* in_len, const int32_t* lab_len,
+                       ffi::Result<ffi::AnyBuffer>& costs, ffi::Result<ffi::AnyBuffer>& alpha) {
+  return cuda_status(
+      cuda::launch_forward<T>(stream, blank.typed_data<T>(), emit.typed_data<T>(), in_len,
+                              lab_len, costs->typed_data<T>(), alpha->typed_data<T>(), d.batch,
+                              d.nt, d.u1),
+      "forward");
+}
+
+ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer blank, ffi::AnyBuffer emit,
+                   ffi::Buffer<ffi::S32> in_len, ffi::Buffer<ffi::S32> lab_len,
+                   ffi::Result<ffi::AnyBuffer> costs, ffi::Result<ffi::AnyBuffer> alpha) {
+  LatticeDims d;
+  if (auto e = lattice_dims(blank, &d); e.failure()) return e;
+  for (auto e : {expect_shape("emit", emit.dimensions(), d, d.nt, d.u1),
+                 expect_shape("input_lengths", in_len.dimensions(), d, 1),
+                 expect_shape("label_lengths", lab_len.dimensions(), d, 1)})
+    if (e.failure()) return e;
+  if (!same_float_dtype({&blank, &emit})) return unsupported_dtype("forward");
+  switch (blank.element_type()) {
+    case ffi::F32:
+      return forward_all<float>(stream, d, blank, emit, in_len.typed_data(),
+                                lab_len.typed_data(), costs, alpha);
+    case ffi::F64:
+      return forward_all<double>(stream, d, blank, emit, in_len.typed_data(),
+                                 lab_len.typed_data(), costs, alpha);
+    default:
+      return unsupported_dtype("forward");
+  }
+}
+
+template <typename T>
+ffi::Error backward_all(cudaStream_t stream, const LatticeDims& d, ffi::AnyBuffer blank,
+                        ffi::AnyBuffer emit, ffi::AnyBuffer alpha, ffi::AnyBuffer costs,
+                        const int32_t* in_len, const int32_t* lab_len,
+                        ffi::Result<ffi::AnyBuffer>& flow_blank,
+                        ffi::Result<ffi::AnyBuffer>& flow_emit) {
+  return cuda_status(
+      cuda::launch_backward<T>(stream, blank.typed_data<T>(), emit.typed_data<T>(),
+                               alpha.typed_data<T>(), costs.typed_data<T>(), in_len, lab_len,
+                               flow_blank->typed_data<T>(), flow_emit->typed_data<T>(), d.batch,
+                               d.nt, d.u1),
+      "backward");
+}
+
+ffi::Error Backward(cudaStream_t stream, ffi::AnyBuffer blank, ffi::AnyBuffer emit,
+                    ffi::AnyBuffer alpha, ffi::AnyBuffer costs, ffi::Buffer<ffi::S32> in_len,
+                    ffi::Buffer<ffi::S32> lab_len, ffi::Result<ffi::AnyBuffer> flow_blank,
+                    ffi::Result<ffi::AnyBuffer> flow_emit) {
+  LatticeDims d;
+  if (auto e = lattice_dims(blank, &d); e.failure()) return e;
+  for (auto e : {expect_shape("emit", emit.dimensions(), d, d.nt, d.u1),
+                 expect_shape("alpha", alpha.dimensions(), d, d.nt, d.u1),
+                 expect_shape("costs", costs.dimensions(), d, 1),
+                 expect_shape("input_lengths", in_len.dimensions(), d, 1),
+                 expect_shape("label_lengths", lab_len.dimensions(), d, 1)})
+    if (e.failure()) return e;
+  if (!same_float_dtype({&blank, &emit, &alpha, &costs})) return unsupported_dtype("backward");
+  switch (blank.element_type()) {
+    case ffi::F32:
+      return backward_all<float>(stream, d, blank, emit, alpha, costs, in_len.typed_data(),
+                                 lab_len.typed_data(), flow_blank, flow_emit);
+    case ffi::F64:
+      return backward_all<double>(stream, d, blank, emit, alpha, costs, in_len.typed_data(),
+                                  lab_len.typed_data(), flow_blank, flow_emit);
+    default:
+      return unsupported_dtype("backward");
+  }
+}
+
+template <typename T>
+ffi::Error viterbi_all(cudaStream_t stream, const LatticeDims& d, ffi::AnyBuffer blank,
+                       ffi::AnyBuffer best, const int32_t* best_label, const int32_t* in_len,
+                       const int32_t* lab_len, int32_t blank_id, int32_t* path,
+                       uint8_t* decision) {
+  // The kernel keeps one lattice diagonal of scores in shared memory: say so when it cannot.
+  const size_t need = cuda::viterbi_shared_bytes(d.nt, d.u1, sizeof(T));
+  size_t limit = 0;
+  if (auto e = cuda_status(cuda::max_shared_bytes_per_block(&limit), "viterbi"); e.failure())
+    return e;
+  if (need > limit)
+    return ffi::Error::InvalidArgument(
+        "jax_transducer: CUDA viterbi keeps min(T, U + 1) + 1 = " +
+        std::to_string(need / sizeof(T)) + " scores in shared memory (" + std::to_string(need) +
+        " bytes); this GPU grants a block " + std::to_string(limit) + " bytes");
+  return cuda_status(cuda::launch_viterbi<T>(stream, blank.typed_data<T>(),
+                                             best.typed_data<T>(), best_label, in_len, lab_len,
+                                             blank_id, path, decision, d.batch, d.nt, d.u1),
+                     "viterbi");
+}
+
+ffi::Error Viterbi(cudaStream_t stream, ffi::AnyBuffer blank, ffi::AnyBuffer best,
+                   ffi::Buffer<ffi::S32> best_label, ffi::Buffer<ffi::S32> in_len,
+                   ffi::Buffer<ffi::S32> lab_len, int32_t blank_id,
+                   ffi::Result<ffi::Buffer<ffi::S32>> path,
+                   ffi::Result<ffi::Buffer<ffi::U8>> decision) {
+  LatticeDims d;
+  if (auto e = lattice_dims(blank, &d); e.failure()) return e;
+  for (auto e : {expect_shape("best", best.dimensions(), d, d.nt, d.u1),
+                 expect_shape("best_label", best_label.dimensions(), d, d.nt, d.u1),
+                 expect_shape("input_lengths", in_len.dimensions(), d, 1),
+                 expect_shape("label_lengths", lab_len.dimensions(), d, 1),
+                 expect_shape("path", path->dimensions(), d, d.u1),
+                 expect_shape("decision", decision->dimensions(), d, d.nt, d.u1)})
+    if (e.failure()) return e;
+  if (!same_float_dtype({&blank, &best})) return unsupported_dtype("viterbi");
+  switch (blank.element_type()) {
+    case ffi::F32:
+      return viterbi_all<float>(stream, d, blank, best, best_label.typed_data(),
+                                in_len.typed_data(), lab_len.typed_data(), blank_id,
+                                path->typed_data(), decision->typed_data());
+    case ffi::F64:
+      return viterbi_all<double>(stream, d, blank, best, best_label.typed_data(),
+                                 in_len.typed_data(), lab_len.typed_data(), blank_id,
+                                 path->typed_data(), decision->typed_data());
+    default:
+      return unsupported_dtype("viterbi");
+  }
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtForwardCuda, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtBackwardCuda, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtViterbiCuda, Viterbi,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("blank")
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+}  // namespace jax_transducer
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "jax_transducer CUDA kernels (XLA FFI handlers)";
+  m.def("registrations", []() {
+    namespace py = pybind11;
+    py::dict d;
+    d["jax_transducer_forward"] =
+        py::capsule(reinterpret_cast<void*>(jax_transducer::JtForwardCuda));
+    d["jax_transducer_backward"] =
+        py::capsule(reinterpret_cast<void*>(jax_transducer::JtBackwardCuda));
+    d["jax_transducer_viterbi"] =
+        py::capsule(reinterpret_cast<void*>(jax_transducer::JtViterbiCuda));
+    return d;
+  });
+}

@@ -1,0 +1,57 @@
+"""Gradients against the float64 reference, finite differences, and zero gradient in padding."""
+
+import jax
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jax_transducer as jt
+import reference as ref
+from util import CASES, make_batch, put, unpadded
+
+
+def loss_grads(device, E, P, labels, in_len, lab_len, blank):
+    f = lambda e, p: jt.transducer_loss(e, p, labels, in_len, lab_len, blank=blank).sum()
+    gE, gP = jax.grad(f, argnums=(0, 1))(*put(device, E, P))
+    return np.asarray(gE), np.asarray(gP)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 2e-5)])
+def test_gradients_match_reference(device, case, dtype, tol):
+    E, P, labels, in_len, lab_len = make_batch(dtype=dtype, **case)
+    blank = case.get("blank", 0)
+    gE, gP = loss_grads(device, E, P, labels, in_len, lab_len, blank)
+    assert gE.dtype == dtype and gP.dtype == dtype
+    wE, wP = ref.gradients(E.astype(np.float64), P.astype(np.float64), labels, in_len, lab_len,
+                           blank)
+    np.testing.assert_allclose(gE, wE, rtol=tol, atol=tol)
+    np.testing.assert_allclose(gP, wP, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("case", CASES[:4])
+def test_padding_gets_exactly_zero_gradient(device, case):
+    E, P, labels, in_len, lab_len = make_batch(pad=np.nan, **case)
+    gE, gP = loss_grads(device, E, P, labels, in_len, lab_len, case.get("blank", 0))
+    for b in range(E.shape[0]):
+        assert (gE[b, in_len[b]:] == 0).all() and (gP[b, lab_len[b] + 1:] == 0).all()
+    assert np.isfinite(gE).all() and np.isfinite(gP).all()
+
+
+@pytest.mark.parametrize("seed,blank", [(30, 0), (31, 2)])
+def test_finite_differences(device, seed, blank):
+    E, P, labels, in_len, lab_len = unpadded(*make_batch(seed, B=3, T=4, U=3, V=5, blank=blank))
+    f = lambda e, p: jt.transducer_loss(e, p, labels, in_len, lab_len, blank=blank,
+                                        reduction="sum")
+    check_grads(f, tuple(put(device, E, P)), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_cotangent_scales_each_example(device):
+    E, P, labels, in_len, lab_len = make_batch(32)
+    w = np.array([0.5, -2.0, 3.0, 1.0])
+    f = lambda e: (jt.transducer_loss(e, P, labels, in_len, lab_len) * w).sum()
+    g = np.asarray(jax.grad(f)(*put(device, E)))
+    for b in range(4):
+        one = lambda e: jt.transducer_loss(e, P, labels, in_len, lab_len)[b]
+        np.testing.assert_allclose(g[b], w[b] * np.asarray(jax.grad(one)(*put(device, E)))[b],
+                                   atol=1e-12)

@@ -1,0 +1,102 @@
+"""Costs against the independent float64 reference and brute-force path sums."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_transducer as jt
+import reference as ref
+from util import CASES, make_batch, put
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 2e-5)])
+def test_costs_match_reference(device, case, dtype, rtol):
+    E, P, labels, in_len, lab_len = make_batch(dtype=dtype, **case)
+    blank = case.get("blank", 0)
+    got = jt.transducer_loss(*put(device, E, P, labels, in_len, lab_len), blank=blank)
+    assert got.dtype == dtype and got.shape == (E.shape[0],)
+    want = ref.costs(E.astype(np.float64), P.astype(np.float64), labels, in_len, lab_len, blank)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=rtol)
+
+
+@pytest.mark.parametrize("seed,blank", [(10, 0), (11, 2), (12, 1)])
+def test_costs_match_brute_force(device, seed, blank):
+    E, P, labels, in_len, lab_len = make_batch(seed, B=3, T=4, U=3, V=4, blank=blank)
+    got = jt.transducer_loss(*put(device, E, P, labels, in_len, lab_len), blank=blank)
+    want = ref.brute_force_costs(E, P, labels, in_len, lab_len, blank)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10)
+
+
+def test_uniform_scores_give_closed_form(device):
+    # Every path has probability V^-(T+U); there are C(T-1+U, U) of them.
+    from math import comb, log
+    B, T, U, V = 1, 4, 3, 5
+    E, P = np.zeros((B, T, V)), np.zeros((B, U + 1, V))
+    got = jt.transducer_loss(*put(device, E, P, np.ones((B, U), np.int32), [T], [U]))
+    np.testing.assert_allclose(np.asarray(got), [(T + U) * log(V) - log(comb(T - 1 + U, U))])
+
+
+def test_reductions(device):
+    E, P, labels, in_len, lab_len = make_batch(20)
+    args = put(device, E, P, labels, in_len, lab_len)
+    costs = np.asarray(jt.transducer_loss(*args))
+    np.testing.assert_allclose(jt.transducer_loss(*args, reduction="sum"), costs.sum())
+    np.testing.assert_allclose(jt.transducer_loss(*args, reduction="mean"), costs.mean())
+    assert jt.transducer_loss(*args, reduction="sum").shape == ()
+
+
+def test_padding_values_never_matter(device):
+    E, P, labels, in_len, lab_len = make_batch(21, pad=np.nan)
+    E2, P2, labels2, *_ = make_batch(21, pad=np.inf)
+    labels2 = np.where(labels2 == labels, labels2, 2)
+    a = jt.transducer_loss(*put(device, E, P, labels, in_len, lab_len))
+    b = jt.transducer_loss(*put(device, E2, P2, labels2, in_len, lab_len))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.isfinite(np.asarray(a)).all()
+
+
+def test_nan_in_used_region_stays_in_its_example(device):
+    E, P, labels, in_len, lab_len = make_batch(22)
+    E[2, 0, 1] = np.nan
+    costs, (gE, gP) = jax.value_and_grad(
+        lambda e, p: jt.transducer_loss(e, p, labels, in_len, lab_len).sum(), argnums=(0, 1))(
+            *put(device, E, P))
+    costs = jt.transducer_loss(*put(device, E, P, labels, in_len, lab_len))
+    finite = np.arange(4) != 2
+    assert np.isnan(np.asarray(costs)[2]) and np.isfinite(np.asarray(costs)[finite]).all()
+    assert np.isfinite(np.asarray(gE)[finite]).all() and np.isfinite(np.asarray(gP)[finite]).all()
+
+
+def test_transducer_loss_class_ports_the_original_api(device):
+    E, P, labels, in_len, lab_len = make_batch(23, blank=2)
+    args = put(device, E, P, labels, in_len, lab_len)
+    loss = jt.TransducerLoss(blank=2, reduction="sum")
+    np.testing.assert_allclose(loss(*args), jt.transducer_loss(*args, blank=2).sum())
+    np.testing.assert_allclose(loss.apply(*args), loss(*args))
+    np.testing.assert_array_equal(loss.viterbi(args[0], args[1], in_len, lab_len),
+                                  jt.viterbi(args[0], args[1], in_len, lab_len, blank=2))
+
+
+def test_build_info():
+    info = jt.build_info()
+    assert info["cpu"] is True and isinstance(info["cuda"], bool)
+    assert info["version"] == jt.__version__
+
+
+def test_memory_does_not_grow_with_vocabulary():
+    # Compiled temp memory of loss+gradient: O(B*T*U + B*(T+U)*V), far below B*T*(U+1)*V.
+    B, T, U = 2, 64, 16
+    temps = []
+    for V in (64, 1024):
+        E = jnp.zeros((B, T, V), jnp.float32)
+        P = jnp.zeros((B, U + 1, V), jnp.float32)
+        labels = jnp.ones((B, U), jnp.int32)
+        lens = (jnp.full((B,), T, jnp.int32), jnp.full((B,), U, jnp.int32))
+        step = jax.jit(jax.grad(lambda e, p: jt.transducer_loss(e, p, labels, *lens).sum(),
+                                argnums=(0, 1)))
+        temps.append(step.lower(E, P).compile().memory_analysis().temp_size_in_bytes)
+        assert temps[-1] < 0.25 * B * T * (U + 1) * V * 4
+    # 16x the vocabulary: the (T+U)*V part grows, the T*U part does not; far from 16x the joiner.
+    assert temps[1] < 16 * temps[0]
