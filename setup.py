@@ -20,7 +20,9 @@ from setuptools import setup
 # The typed XLA FFI headers ship inside jaxlib (jax.ffi.include_dir() points here); importing
 # jaxlib rather than jax keeps the build's requirements small.
 FFI_INCLUDE = os.path.join(os.path.dirname(jaxlib.__file__), "include")
-CXX_FLAGS = ["-O3", "-fvisibility=hidden"]
+# -fno-trapping-math lets the lattice loops vectorise (selects become blends); no code relies on
+# floating-point traps.
+CXX_FLAGS = ["-O3", "-fvisibility=hidden", "-fno-trapping-math"]
 CUDA_SOURCES = ["lib/cuda/lattice_cuda.cu"]
 
 
@@ -41,6 +43,18 @@ def cuda_wanted():
     if mode in ("1", "on", "true", "yes") and nvcc is None:
         sys.exit("JAX_TRANSDUCER_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
     return nvcc
+
+
+def find_cuda_root(nvcc):
+    """The toolkit whose headers and libraries go with nvcc: nvcc's own parent folder, unless
+    nvcc is a wrapper script elsewhere (then $CUDA_HOME, $CUDA_PATH or /usr/local/cuda)."""
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+                  os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    for root in candidates:
+        if root and os.path.exists(os.path.join(root, "include", "cuda_runtime_api.h")):
+            return root
+    sys.exit(f"jax_transducer: found {nvcc} but no CUDA toolkit headers next to it "
+             "(set CUDA_HOME)")
 
 
 class BuildExt(build_ext):
@@ -75,7 +89,7 @@ extensions = [
 
 NVCC = cuda_wanted()
 if NVCC:
-    cuda_root = os.path.dirname(os.path.dirname(os.path.realpath(NVCC)))
+    cuda_root = find_cuda_root(NVCC)
     cuda_ext = Pybind11Extension(
         "jax_transducer._cuda",
         ["lib/ffi/cuda.cc"],

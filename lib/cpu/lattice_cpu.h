@@ -1,43 +1,55 @@
-// CPU schedule of the lattice recursions: one example at a time, row by row (the per-cell math is
-// lib/lattice.h). Pointers address one example's (T, U1) slab; rows are U1 apart.
+// CPU schedule of the lattice recursions (the per-cell math is lib/lattice.h). Pointers address
+// one example's row-major (T, U1) slab. Alpha and beta sweep anti-diagonals d = t + u: the cells
+// of one diagonal are independent, so their log-adds vectorise instead of forming one long
+// dependency chain. Each diagonal's values live in a scratch row indexed by u.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #include "../lattice.h"
 
 namespace jax_transducer {
 namespace cpu {
 
+// The cells (d - u, u) of diagonal d inside a t_len x (u_len + 1) lattice: u in [lo, hi].
+struct Diagonal {
+  int64_t lo, hi;
+  Diagonal(int64_t d, int64_t t_len, int64_t u_len)
+      : lo(std::max<int64_t>(0, d - (t_len - 1))), hi(std::min<int64_t>(d, u_len)) {}
+};
+
 // Fills alpha (unused cells with -inf) and returns the cost, NaN for an invalid example.
+// scratch: 2 * u1 values.
 template <typename T>
 T forward_example(const T* blank, const T* emit, T* alpha, int64_t nt, int64_t u1, int32_t t_len,
-                  int32_t u_len) {
+                  int32_t u_len, T* scratch) {
   std::fill(alpha, alpha + nt * u1, neg_inf<T>());
   if (!lengths_valid(t_len, u_len, nt, u1)) return quiet_nan<T>();
-  for (int64_t t = 0; t < t_len; ++t) {
-    T* a = alpha + t * u1;
-    const T* em = emit + t * u1;
-    // The blank moves from row t-1 are independent of each other: a vectorisable pass.
-    if (t == 0) {
-      a[0] = T(0);
-    } else {
-      const T* a_prev = a - u1;
-      const T* bl_prev = blank + (t - 1) * u1;
-      for (int64_t u = 0; u <= u_len; ++u) a[u] = a_prev[u] + bl_prev[u];
+  T* prev = scratch;  // alpha on diagonal d - 1
+  T* cur = scratch + u1;
+  cur[0] = alpha[0] = T(0);
+  for (int64_t d = 1; d < t_len + u_len; ++d) {
+    std::swap(prev, cur);
+    const Diagonal g(d, t_len, u_len);
+    // Edge cells have one predecessor: u = 0 (from above) and t = 0 (from the left).
+    const int64_t lo = g.lo == 0 ? 1 : g.lo;
+    const int64_t hi = g.hi == d ? d - 1 : g.hi;
+    if (g.lo == 0) cur[0] = prev[0] + blank[(d - 1) * u1];
+    if (g.hi == d) cur[d] = prev[d - 1] + emit[d - 1];
+    for (int64_t u = lo; u <= hi; ++u) {
+      const int64_t c = (d - u) * u1 + u;
+      cur[u] = alpha_cell(prev[u] + blank[c - u1], prev[u - 1] + emit[c - 1]);
     }
-    // The label moves along the row are a scan.
-    for (int64_t u = 1; u <= u_len; ++u) a[u] = alpha_cell(a[u], a[u - 1] + em[u - 1]);
+    for (int64_t u = g.lo; u <= g.hi; ++u) alpha[(d - u) * u1 + u] = cur[u];
   }
   const int64_t last = (t_len - 1) * u1 + u_len;
   return -(alpha[last] + blank[last]);
 }
 
 // Writes the flows of every move (zero outside the lattice and for an invalid example), running
-// beta from the end with two rows of scratch (2 * u1 values).
+// beta backwards over diagonals. scratch: 2 * u1 values.
 template <typename T>
 void backward_example(const T* blank, const T* emit, const T* alpha, T cost, T* flow_blank,
                       T* flow_emit, int64_t nt, int64_t u1, int32_t t_len, int32_t u_len,
@@ -46,28 +58,46 @@ void backward_example(const T* blank, const T* emit, const T* alpha, T cost, T* 
   std::fill(flow_emit, flow_emit + nt * u1, T(0));
   if (!lengths_valid(t_len, u_len, nt, u1)) return;
   const T log_z = -cost;
-  T* next = scratch;  // beta of row t + 1
+  const int64_t t_last = t_len - 1;
+  T* next = scratch;  // beta on diagonal d + 1
   T* cur = scratch + u1;
-  for (int64_t t = t_len - 1; t >= 0; --t) {
-    const bool last_row = t == t_len - 1;
-    const int64_t row = t * u1;
-    for (int64_t u = u_len; u >= 0; --u) {
-      const int64_t c = row + u;
-      // Only the final blank leaves the last row; its beta_to is 0.
+  for (int64_t d = t_last + u_len; d >= 0; --d) {
+    const Diagonal g(d, t_len, u_len);
+    // Edge cells: the last row (only the final blank leaves it, at u = u_len) and the last
+    // column (no label move).
+    auto edge = [&](int64_t u) {
+      const int64_t t = d - u, c = t * u1 + u;
+      const bool last_row = t == t_last;
       const bool has_blank = !last_row || u == u_len;
       const T beta_below = last_row ? T(0) : next[u];
       const T down = has_blank ? beta_below + blank[c] : neg_inf<T>();
-      const T right = u < u_len ? cur[u + 1] + emit[c] : neg_inf<T>();
+      const T right = u < u_len ? next[u + 1] + emit[c] : neg_inf<T>();
       cur[u] = beta_cell(down, right);
       if (has_blank) flow_blank[c] = move_flow(alpha[c], blank[c], beta_below, log_z);
-      if (u < u_len) flow_emit[c] = move_flow(alpha[c], emit[c], cur[u + 1], log_z);
+      if (u < u_len) flow_emit[c] = move_flow(alpha[c], emit[c], next[u + 1], log_z);
+    };
+    const bool lo_edge = d - g.lo == t_last;
+    const bool hi_edge = g.hi == u_len;
+    if (lo_edge) edge(g.lo);
+    if (hi_edge && !(lo_edge && g.lo == g.hi)) edge(g.hi);
+    const int64_t lo = lo_edge ? g.lo + 1 : g.lo;
+    const int64_t hi = hi_edge ? g.hi - 1 : g.hi;
+    for (int64_t u = lo; u <= hi; ++u) {
+      const int64_t c = (d - u) * u1 + u;
+      cur[u] = beta_cell(next[u] + blank[c], next[u + 1] + emit[c]);
+    }
+    for (int64_t u = lo; u <= hi; ++u) {
+      const int64_t c = (d - u) * u1 + u;
+      flow_blank[c] = move_flow(alpha[c], blank[c], next[u], log_z);
+      flow_emit[c] = move_flow(alpha[c], emit[c], next[u + 1], log_z);
     }
     std::swap(cur, next);
   }
 }
 
 // Best path with labels forced to the per-cell best: writes decisions (1 = arrived by blank) and
-// the emitted labels into path[0..u1) (blank_id past u_len, and everywhere for an invalid example).
+// the emitted labels into path[0..u1) (blank_id past u_len, and everywhere for an invalid
+// example). Row by row: the recursion is only adds and compares. scratch: 2 * u1 values.
 template <typename T>
 void viterbi_example(const T* blank, const T* best, const int32_t* best_label, uint8_t* decision,
                      int32_t* path, int64_t nt, int64_t u1, int32_t t_len, int32_t u_len,

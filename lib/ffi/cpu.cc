@@ -1,4 +1,5 @@
 // XLA FFI bindings of the CPU kernels, and the pybind11 module that hands their capsules to Python.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -59,8 +60,9 @@ void forward_all(ffi::ThreadPool& pool, const LatticeDims& d, ffi::AnyBuffer bla
   T* al = alpha->typed_data<T>();
   T* co = costs->typed_data<T>();
   parallel_for(pool, d.batch, [&](int64_t b) {
+    std::vector<T> scratch(2 * d.u1);
     co[b] = cpu::forward_example(bl + b * slab, em + b * slab, al + b * slab, d.nt, d.u1,
-                                 in_len[b], lab_len[b]);
+                                 in_len[b], lab_len[b], scratch.data());
   });
 }
 
@@ -220,6 +222,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JtViterbiCpu, Viterbi,
 
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "jax_transducer CPU kernels (XLA FFI handlers)";
+  // For tests/test_kernels.py: the float math the CPU kernels use, elementwise.
+  m.def("host_math", [](pybind11::array_t<float, pybind11::array::c_style> x) {
+    pybind11::array_t<float> e(x.size()), l(x.size());
+    for (pybind11::ssize_t i = 0; i < x.size(); ++i) {
+      e.mutable_at(i) = jax_transducer::jt_exp(x.at(i));
+      l.mutable_at(i) = jax_transducer::log1p_exp(x.at(i));
+    }
+    return pybind11::make_tuple(e, l);
+  });
+  m.def("log_add", [](float a, float b) { return jax_transducer::log_add(a, b); });
   m.def("registrations", []() {
     namespace py = pybind11;
     py::dict d;

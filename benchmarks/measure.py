@@ -1,0 +1,81 @@
+"""Timing, compiled-memory and machine-info helpers for the benchmark suite."""
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def inputs(B, T, U, V, seed=0):
+    """Random float32 scores, labels in [1, V) (0 is blank), example 0 full length, the others
+    with input lengths in [T/2, T] and label lengths in [U/2, U]."""
+    rng = np.random.default_rng(seed)
+    return dict(
+        emissions=rng.normal(size=(B, T, V)).astype(np.float32),
+        predictions=rng.normal(size=(B, U + 1, V)).astype(np.float32),
+        labels=rng.integers(1, V, size=(B, U)).astype(np.int32),
+        input_lengths=np.r_[T, rng.integers(T // 2, T + 1, size=B - 1)].astype(np.int32),
+        label_lengths=np.r_[U, rng.integers(U // 2, U + 1, size=B - 1)].astype(np.int32),
+    )
+
+
+def compile_jit(fn, *args):
+    """(compiled, temp bytes) of jax.jit(fn) at these arguments; compiling allocates nothing."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, compiled.memory_analysis().temp_size_in_bytes
+
+
+def time_calls(fn, repeats):
+    """Median and min wall seconds of fn() over `repeats` calls after one warm-up call, and the
+    process CPU seconds per wall second (how many cores were busy). fn must block on its result."""
+    fn()
+    walls, cpu0 = [], time.process_time()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - start)
+    cpu = time.process_time() - cpu0
+    return dict(median_s=statistics.median(walls), min_s=min(walls), repeats=repeats,
+                cpu_per_wall=cpu / sum(walls))
+
+
+def jax_timer(compiled, *args):
+    return lambda: jax.block_until_ready(compiled(*args))
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device):
+    import jax_transducer as jt
+    return dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        cpu_model=cpu_model(),
+        cpu_count=os.cpu_count(),
+        cpu_affinity=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        platform=platform.platform(),
+        python=platform.python_version(),
+        jax=jax.__version__,
+        jax_transducer=jt.__version__,
+        build_info=jt.build_info(),
+        device=str(device),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        load_average_at_start=os.getloadavg(),
+    )
