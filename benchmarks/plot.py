@@ -42,7 +42,11 @@ def main(argv=None):
               file=sys.stderr)
         return 1
     report = json.load(open(args.json))
-    rows = report["results"]
+    rows = report.get("results")
+    if not rows:
+        print(f"{args.json} has no per-shape results (a --threads run?): nothing to plot",
+              file=sys.stderr)
+        return 1
     groups = sorted({(r["B"], r["T"], r["U"]) for r in rows})
     styles = dict(zip(groups, ["o-", "s--", "^:", "D-.", "v-", "x--"] * 4))
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5.5))
@@ -50,9 +54,11 @@ def main(argv=None):
             (ax_t, TIMES, lambda m: 1e3 * m["median_s"], "median time (ms)"),
             (ax_m, MEMORY, lambda b: b / 2**20, "compiled temp memory (MiB)")):
         for i, (key, label) in enumerate(names.items()):
-            for group, (xs, ys) in series(rows, key, value).items():
+            lines = series(rows, key, value)
+            for group, (xs, ys) in lines.items():
                 ax.plot(xs, ys, styles[group], color=f"C{i}")
-            ax.plot([], [], "-", color=f"C{i}", label=label)  # one legend entry per method
+            if lines:
+                ax.plot([], [], "-", color=f"C{i}", label=label)  # one legend entry per method
         for group in groups:
             ax.plot([], [], styles[group], color="gray", label="B,T,U = %d,%d,%d" % group)
         ax.set(xscale="log", yscale="log", xlabel="vocabulary V", ylabel=ylabel)

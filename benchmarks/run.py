@@ -140,16 +140,23 @@ def mib(n):
     return "—" if n is None else f"{n / 2**20:.3g}"
 
 
+def temp_ratio(row):
+    if row.get("pure_jax_temp") and row["ours_fwd_bwd_temp"]:
+        return f"{row['pure_jax_temp'] / row['ours_fwd_bwd_temp']:.3g}"
+    return "—"
+
+
 def table(rows):
     head = ["B", "T", "U", "V", "ours fwd ms", "ours fwd+bwd ms", "ours viterbi ms", "matmul ms",
             "fwd+bwd / matmul", "pure-JAX fwd+bwd ms", "pure-JAX / ours", "torchaudio ms",
-            "ours temp MiB", "pure-JAX temp MiB", "joiner MiB"]
+            "ours temp MiB", "pure-JAX temp MiB", "pure-JAX / ours temp", "joiner MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["B"], r["T"], r["U"], r["V"], ms(r, "ours_fwd"), ms(r, "ours_fwd_bwd"),
                  ms(r, "ours_viterbi"), ms(r, "matmul"), ratio(r, "ours_fwd_bwd", "matmul"),
                  ms(r, "pure_jax"), ratio(r, "pure_jax", "ours_fwd_bwd"), ms(r, "torchaudio"),
-                 mib(r["ours_fwd_bwd_temp"]), mib(r.get("pure_jax_temp")), mib(r["joiner_bytes"])]
+                 mib(r["ours_fwd_bwd_temp"]), mib(r.get("pure_jax_temp")), temp_ratio(r),
+                 mib(r["joiner_bytes"])]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 

@@ -44,6 +44,41 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
   state->cv.wait(lock, [&] { return state->done.load() == n; });
 }
 
+// The lattice loops vectorise; builds must run on any x86-64 CPU, so float versions are also
+// compiled for x86-64-v3 (AVX2, FMA) and picked at load time (no -march=native).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define JT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
+#else
+#define JT_CPU_CLONES
+#endif
+
+template <typename T>
+T forward_one(const T* blank, const T* emit, T* alpha, int64_t nt, int64_t u1, int32_t t_len,
+              int32_t u_len, T* scratch) {
+  return cpu::forward_example(blank, emit, alpha, nt, u1, t_len, u_len, scratch);
+}
+
+template <>
+JT_CPU_CLONES float forward_one(const float* blank, const float* emit, float* alpha, int64_t nt,
+                                int64_t u1, int32_t t_len, int32_t u_len, float* scratch) {
+  return cpu::forward_example(blank, emit, alpha, nt, u1, t_len, u_len, scratch);
+}
+
+template <typename T>
+void backward_one(const T* blank, const T* emit, const T* alpha, T cost, T* flow_blank,
+                  T* flow_emit, int64_t nt, int64_t u1, int32_t t_len, int32_t u_len, T* scratch) {
+  cpu::backward_example(blank, emit, alpha, cost, flow_blank, flow_emit, nt, u1, t_len, u_len,
+                        scratch);
+}
+
+template <>
+JT_CPU_CLONES void backward_one(const float* blank, const float* emit, const float* alpha,
+                                float cost, float* flow_blank, float* flow_emit, int64_t nt,
+                                int64_t u1, int32_t t_len, int32_t u_len, float* scratch) {
+  cpu::backward_example(blank, emit, alpha, cost, flow_blank, flow_emit, nt, u1, t_len, u_len,
+                        scratch);
+}
+
 bool same_float_dtype(std::initializer_list<const ffi::AnyBuffer*> bufs) {
   for (auto* b : bufs)
     if (b->element_type() != (*bufs.begin())->element_type()) return false;
@@ -61,7 +96,7 @@ void forward_all(ffi::ThreadPool& pool, const LatticeDims& d, ffi::AnyBuffer bla
   T* co = costs->typed_data<T>();
   parallel_for(pool, d.batch, [&](int64_t b) {
     std::vector<T> scratch(2 * d.u1);
-    co[b] = cpu::forward_example(bl + b * slab, em + b * slab, al + b * slab, d.nt, d.u1,
+    co[b] = forward_one(bl + b * slab, em + b * slab, al + b * slab, d.nt, d.u1,
                                  in_len[b], lab_len[b], scratch.data());
   });
 }
@@ -104,7 +139,7 @@ void backward_all(ffi::ThreadPool& pool, const LatticeDims& d, ffi::AnyBuffer bl
   T* fe = flow_emit->typed_data<T>();
   parallel_for(pool, d.batch, [&](int64_t b) {
     std::vector<T> scratch(2 * d.u1);
-    cpu::backward_example(bl + b * slab, em + b * slab, al + b * slab, co[b], fb + b * slab,
+    backward_one(bl + b * slab, em + b * slab, al + b * slab, co[b], fb + b * slab,
                           fe + b * slab, d.nt, d.u1, in_len[b], lab_len[b], scratch.data());
   });
 }
