@@ -11,14 +11,11 @@ from . import _ffi
 from ._normalizer import log_normalizer
 
 
-def masked_scores(emissions, predictions, input_lengths, label_lengths, valid):
-    """Zeros the padding (t >= input_length, u > label_length, invalid examples) so that any value
-    there, NaN and inf included, cannot reach a result, and gets exactly zero gradient."""
-    T, U1 = emissions.shape[1], predictions.shape[1]
+def used_rows(input_lengths, label_lengths, valid, T, U1):
+    """(B, T) and (B, U+1) masks of the emission and prediction rows that a lattice uses."""
     t_used = valid[:, None] & (jnp.arange(T) < input_lengths[:, None])
     u_used = valid[:, None] & (jnp.arange(U1) <= label_lengths[:, None])
-    return (jnp.where(t_used[..., None], emissions, 0),
-            jnp.where(u_used[..., None], predictions, 0))
+    return t_used, u_used
 
 
 def blank_log_probs(emissions, predictions, log_norm, blank):
@@ -62,7 +59,12 @@ lattice_costs.defvjp(_lattice_costs_fwd, _lattice_costs_bwd)
 
 
 def prepare(emissions, predictions, input_lengths, label_lengths, valid, blank):
-    """Masked scores, the log-normaliser and the blank log-probabilities: what loss and viterbi share."""
-    emissions, predictions = masked_scores(emissions, predictions, input_lengths, label_lengths, valid)
-    log_norm = log_normalizer(emissions, predictions)
-    return emissions, predictions, log_norm, blank_log_probs(emissions, predictions, log_norm, blank)
+    """The log-normaliser and the blank log-probabilities: what loss and viterbi share.
+
+    Padding (and every row of an invalid example) may hold anything, NaN included: the normaliser
+    zeroes those rows, the kernels never read those cells, and the gathers' gradients there are
+    zero flows scattered back.
+    """
+    rows = used_rows(input_lengths, label_lengths, valid, emissions.shape[1], predictions.shape[1])
+    log_norm = log_normalizer(emissions, predictions, *rows)
+    return log_norm, blank_log_probs(emissions, predictions, log_norm, blank)

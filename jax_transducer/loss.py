@@ -52,7 +52,7 @@ def _costs(emissions, predictions, labels, input_lengths, label_lengths, blank, 
     B, T, V = emissions.shape
     dims = (B, T, predictions.shape[1] - 1, V)
     valid = _checks.valid_examples(input_lengths, label_lengths, dims, labels)
-    emissions, predictions, log_norm, blank_lp = prepare(
+    log_norm, blank_lp = prepare(
         emissions, predictions, input_lengths, label_lengths, valid, blank)
     # Labels past label_length (and the extra column for u = U) read the blank: in range, unused.
     used = jnp.arange(dims[2]) < label_lengths[:, None]

@@ -53,7 +53,7 @@ def _viterbi(emissions, predictions, input_lengths, label_lengths, blank):
     valid = _checks.valid_examples(input_lengths, label_lengths, dims)
     emissions, predictions = jax.lax.stop_gradient((emissions, predictions))
 
-    emissions, predictions, log_norm, blank_lp = prepare(
+    log_norm, blank_lp = prepare(
         emissions, predictions, input_lengths, label_lengths, valid, blank)
     best, best_label = _best_labels(emissions, predictions, blank)
     path = _ffi.viterbi_path(blank_lp, best - log_norm, best_label,
