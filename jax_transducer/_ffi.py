@@ -25,12 +25,13 @@ except ImportError:
 FORWARD = "jax_transducer_forward"
 BACKWARD = "jax_transducer_backward"
 VITERBI = "jax_transducer_viterbi"
+BEST_LABELS = "jax_transducer_best_labels"  # CPU only: on GPUs an XLA reduction does this well
 
 for _module, _platform in ((_cpu, "cpu"), (_cuda, "CUDA")):
     if _module is not None:
         for _name, _capsule in _module.registrations().items():
             jax.ffi.register_ffi_target(_name, _capsule, platform=_platform)
-for _name in (FORWARD, BACKWARD, VITERBI):
+for _name in (FORWARD, BACKWARD, VITERBI, BEST_LABELS):
     jax.ffi.register_ffi_target_as_batch_partitionable(_name)
 
 
@@ -121,3 +122,12 @@ def viterbi_path(blank_lp, best_lp, best_label, input_lengths, label_lengths, bl
     """Labels emitted along the best path, (B, U+1) int32 (the last column is always blank)."""
     call = _kernel(VITERBI, _viterbi_results, blank=np.int32(blank))
     return call(blank_lp, best_lp, best_label, input_lengths, label_lengths)[0]
+
+
+def best_labels(emissions, predictions, blank):
+    """Max and argmax over v != blank of emissions[b,t,v] + predictions[b,u,v]: (B, T, U+1) each.
+    CPU only."""
+    def results(e, p):
+        cells = e.shape[:2] + p.shape[1:2]
+        return (_like(e, shape=cells), _like(e, jnp.int32, cells))
+    return _kernel(BEST_LABELS, results, blank=np.int32(blank))(emissions, predictions)

@@ -9,14 +9,22 @@ from . import _checks, _ffi
 from ._lattice import kernel_lengths, prepare
 
 
-def _best_labels(emissions, predictions, blank):
-    """Max and argmax over non-blank v of emissions[b,t,v] + predictions[b,u,v]: (B, T, U+1) each.
-
-    XLA fuses the broadcast add into the reduction, so the (B, T, U+1, V) scores are never stored.
-    """
+def _best_labels_xla(emissions, predictions, blank):
+    # XLA fuses the broadcast add into the reduction: the (B, T, U+1, V) scores are never stored.
     scores = emissions[:, :, None, :] + predictions[:, None, :, :]
     scores = jnp.where(jnp.arange(scores.shape[-1]) == blank, -jnp.inf, scores)
     return jnp.max(scores, axis=-1), jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def _best_labels(emissions, predictions, blank):
+    """Max and argmax over non-blank v of emissions[b,t,v] + predictions[b,u,v]: (B, T, U+1) each.
+
+    A vectorised kernel on CPU, where XLA's fused reduction is slow; the reduction elsewhere.
+    """
+    return jax.lax.platform_dependent(
+        emissions, predictions,
+        cpu=lambda e, p: _ffi.best_labels(e, p, blank),
+        default=lambda e, p: _best_labels_xla(e, p, blank))
 
 
 def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0):

@@ -58,3 +58,29 @@ def test_log_add_random_pairs():
     got = np.array([_cpu.log_add(x, y) for x, y in zip(a, b)])
     want = np.logaddexp(a.astype(np.float64), b.astype(np.float64))
     assert np.max(np.abs(got - want) / np.maximum(1.0, np.abs(want))) < 1e-6
+
+
+@pytest.mark.parametrize("V,blank", [(1, 0), (2, 0), (2, 1), (17, 0), (17, 16), (40, 7), (33, 32)])
+def test_best_labels_kernel(V, blank):
+    import jax
+    from jax_transducer import _ffi
+    rng = np.random.default_rng(71 + V)
+    # Small integers make ties common: the first (lowest) index must win.
+    E = rng.integers(-3, 3, size=(2, 5, V)).astype(np.float32)
+    P = rng.integers(-3, 3, size=(2, 4, V)).astype(np.float32)
+    best, label = jax.jit(lambda e, p: _ffi.best_labels(e, p, blank))(E, P)
+    scores = E[:, :, None, :] + P[:, None, :, :]
+    scores[..., blank] = -np.inf
+    if V == 1:
+        assert (np.asarray(label) == 0).all() and np.isneginf(np.asarray(best)).all()
+        return
+    np.testing.assert_array_equal(np.asarray(label), scores.argmax(-1))
+    np.testing.assert_array_equal(np.asarray(best), scores.max(-1))
+
+
+def test_viterbi_uses_the_cpu_kernel():
+    import jax
+    import jax_transducer as jt
+    E, P = np.zeros((1, 3, 5), np.float32), np.zeros((1, 3, 5), np.float32)
+    hlo = jax.jit(jt.viterbi).lower(E, P, np.array([3]), np.array([2])).as_text()
+    assert "jax_transducer_best_labels" in hlo

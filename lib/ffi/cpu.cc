@@ -10,6 +10,7 @@
 #include <mutex>
 #include <vector>
 
+#include "../cpu/best_labels_cpu.h"
 #include "../cpu/lattice_cpu.h"
 #include "common.h"
 
@@ -217,7 +218,81 @@ ffi::Error Viterbi(ffi::ThreadPool pool, ffi::AnyBuffer blank, ffi::AnyBuffer be
   }
 }
 
+template <typename T>
+void best_labels_tile(const T* e, int rows, const T* pred, int64_t u1, int64_t nv, int32_t blank,
+                      T* best, int32_t* label) {
+  cpu::best_labels_rows(e, rows, pred, u1, nv, blank, best, label);
+}
+
+template <>
+JT_CPU_CLONES void best_labels_tile(const float* e, int rows, const float* pred, int64_t u1,
+                                    int64_t nv, int32_t blank, float* best, int32_t* label) {
+  cpu::best_labels_rows(e, rows, pred, u1, nv, blank, best, label);
+}
+
+template <typename T>
+void best_labels_all(ffi::ThreadPool& pool, int64_t batch, int64_t nt, int64_t u1, int64_t nv,
+                     ffi::AnyBuffer emissions, ffi::AnyBuffer predictions, int32_t blank,
+                     ffi::Result<ffi::AnyBuffer>& best, int32_t* label) {
+  const T* e = emissions.typed_data<T>();
+  const T* p = predictions.typed_data<T>();
+  T* out = best->typed_data<T>();
+  // One item per tile of kRows emission rows: enough items to keep every thread busy at B = 1.
+  const int64_t tiles = (nt + cpu::kRows - 1) / cpu::kRows;
+  parallel_for(pool, batch * tiles, [&](int64_t item) {
+    const int64_t b = item / tiles, t = (item % tiles) * cpu::kRows;
+    const int rows = static_cast<int>(std::min<int64_t>(cpu::kRows, nt - t));
+    const int64_t row = b * nt + t;
+    best_labels_tile(e + row * nv, rows, p + b * u1 * nv, u1, nv, blank, out + row * u1,
+                     label + row * u1);
+  });
+}
+
+// Per-cell best non-blank label of the additive joiner (viterbi's label moves).
+ffi::Error BestLabels(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyBuffer predictions,
+                      int32_t blank, ffi::Result<ffi::AnyBuffer> best,
+                      ffi::Result<ffi::Buffer<ffi::S32>> label) {
+  auto e = emissions.dimensions();
+  auto p = predictions.dimensions();
+  if (e.size() < 3 || p.size() != e.size() || e.back() != p.back())
+    return ffi::Error::InvalidArgument("jax_transducer: best_labels expects (..., T, V) and "
+                                       "(..., U1, V) scores");
+  LatticeDims d;
+  d.nt = e[e.size() - 2];
+  d.u1 = p[p.size() - 2];
+  const int64_t nv = e.back();
+  d.batch = emissions.element_count() / std::max<int64_t>(1, d.nt * nv);
+  for (auto err : {expect_shape("predictions", p, d, d.u1, nv),
+                   expect_shape("best", best->dimensions(), d, d.nt, d.u1),
+                   expect_shape("best_label", label->dimensions(), d, d.nt, d.u1)})
+    if (err.failure()) return err;
+  if (blank < 0 || blank >= nv)
+    return ffi::Error::InvalidArgument("jax_transducer: blank outside [0, V)");
+  if (!same_float_dtype({&emissions, &predictions})) return unsupported_dtype("best_labels");
+  switch (emissions.element_type()) {
+    case ffi::F32:
+      best_labels_all<float>(pool, d.batch, d.nt, d.u1, nv, emissions, predictions, blank, best,
+                             label->typed_data());
+      return ffi::Error::Success();
+    case ffi::F64:
+      best_labels_all<double>(pool, d.batch, d.nt, d.u1, nv, emissions, predictions, blank, best,
+                              label->typed_data());
+      return ffi::Error::Success();
+    default:
+      return unsupported_dtype("best_labels");
+  }
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtBestLabelsCpu, BestLabels,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("blank")
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JtForwardCpu, Forward,
                               ffi::Ffi::Bind()
@@ -274,6 +349,8 @@ PYBIND11_MODULE(_cpu, m) {
     d["jax_transducer_backward"] =
         py::capsule(reinterpret_cast<void*>(jax_transducer::JtBackwardCpu));
     d["jax_transducer_viterbi"] = py::capsule(reinterpret_cast<void*>(jax_transducer::JtViterbiCpu));
+    d["jax_transducer_best_labels"] =
+        py::capsule(reinterpret_cast<void*>(jax_transducer::JtBestLabelsCpu));
     return d;
   });
 }
