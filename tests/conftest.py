@@ -30,3 +30,17 @@ PLATFORMS = [pytest.param("cpu"),
 def device(request):
     """A device of each platform; tests put their inputs there and computations follow."""
     return jax.devices(request.param)[0]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=60,
+                     help="hypothesis examples per property test (default 60)")
+
+
+def pytest_configure(config):
+    from hypothesis import HealthCheck, settings
+    settings.register_profile(
+        "jax_transducer", max_examples=config.getoption("--fuzz-examples"), deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+        derandomize=True)
+    settings.load_profile("jax_transducer")
