@@ -63,6 +63,17 @@ def check_blank(blank, V):
     return blank
 
 
+def check_float(name, value, minimum=None):
+    """A static option: a finite Python float (at least `minimum`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name}: expected a finite float{bound}, got {value}")
+    return value
+
+
 def check_lengths(input_lengths, label_lengths, dims):
     B, T, U, _ = dims
     input_lengths = _as_int32("input_lengths", input_lengths, 1)

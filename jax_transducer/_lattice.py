@@ -4,6 +4,8 @@ The (B, T, U+1) blank and label log-probabilities are all the kernels see; their
 move flows) flow back through gathers and the normaliser's matmuls under ordinary autodiff.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -32,27 +34,41 @@ def label_log_probs(emissions, predictions, log_norm, labels):
     return from_e + from_p[:, None, :] - log_norm
 
 
+def delay_penalized(emit_lp, input_lengths, delay_penalty):
+    """k2's delay penalty: the label move at frame t of example b gains
+    delay_penalty * ((input_lengths[b] - 1) / 2 - t) in log space."""
+    if not delay_penalty:
+        return emit_lp
+    t = jnp.arange(emit_lp.shape[1], dtype=emit_lp.dtype)
+    offset = (input_lengths[:, None].astype(emit_lp.dtype) - 1) / 2 - t  # (B, T)
+    return emit_lp + delay_penalty * offset[..., None]
+
+
 def kernel_lengths(input_lengths, label_lengths, valid):
     """(B, 1) lengths for the kernels; an input length of 0 marks an invalid example."""
     return (jnp.where(valid, input_lengths, 0)[:, None], label_lengths[:, None])
 
 
-@jax.custom_vjp
-def lattice_costs(blank_lp, emit_lp, input_lengths, label_lengths):
-    """(B, 1) costs -log P(labels | lattice); (B, 1) int32 lengths."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def lattice_costs(blank_lp, emit_lp, input_lengths, label_lengths, fastemit_lambda=0.0):
+    """(B, 1) costs -log P(labels | lattice); (B, 1) int32 lengths.
+
+    fastemit_lambda scales the gradient of every label move's log-probability by
+    (1 + fastemit_lambda) (FastEmit); the costs do not change.
+    """
     return _ffi.forward(blank_lp, emit_lp, input_lengths, label_lengths)[0]
 
 
-def _lattice_costs_fwd(blank_lp, emit_lp, input_lengths, label_lengths):
+def _lattice_costs_fwd(blank_lp, emit_lp, input_lengths, label_lengths, fastemit_lambda):
     costs, alpha = _ffi.forward(blank_lp, emit_lp, input_lengths, label_lengths)
     return costs, (blank_lp, emit_lp, alpha, costs, input_lengths, label_lengths)
 
 
-def _lattice_costs_bwd(residuals, g):
+def _lattice_costs_bwd(fastemit_lambda, residuals, g):
     flow_blank, flow_emit = _ffi.backward(*residuals)
     # d cost / d log-prob of a move is minus its flow; invalid examples have zero flows.
     g = g[..., None]
-    return -g * flow_blank, -g * flow_emit, None, None
+    return -g * flow_blank, -(1 + fastemit_lambda) * g * flow_emit, None, None
 
 
 lattice_costs.defvjp(_lattice_costs_fwd, _lattice_costs_bwd)

@@ -6,13 +6,14 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
-from ._lattice import kernel_lengths, label_log_probs, lattice_costs, prepare
+from ._lattice import (delay_penalized, kernel_lengths, label_log_probs, lattice_costs,
+                       prepare)
 
 REDUCTIONS = ("none", "sum", "mean")
 
 
 def transducer_loss(emissions, predictions, labels, input_lengths, label_lengths, blank=0,
-                    reduction="none"):
+                    reduction="none", fastemit_lambda=0.0, delay_penalty=0.0):
     """RNN-Transducer loss with the additive joiner logits[b,t,u,:] = emissions[b,t,:] + predictions[b,u,:].
 
     Args:
@@ -23,6 +24,13 @@ def transducer_loss(emissions, predictions, labels, input_lengths, label_lengths
       label_lengths: (B,) integers in [0, U]: example b uses labels u < label_lengths[b].
       blank: Python int in [0, V), the blank label.
       reduction: "none" -> (B,) costs; "sum" or "mean" over the batch -> a scalar.
+      fastemit_lambda: Python float >= 0. FastEmit (Yu et al. 2021) as warp-transducer and NeMo
+        implement it: the returned costs are unchanged; the gradient is that of the costs with
+        every label move's share scaled by (1 + fastemit_lambda), i.e. d cost / d log p(label
+        move) is multiplied by (1 + fastemit_lambda) before it flows back through the softmax.
+      delay_penalty: Python float, k2's delay penalty: every label move at frame t of example b
+        gains delay_penalty * ((input_lengths[b] - 1) / 2 - t) in log space (positive values
+        favour earlier emissions). Costs and gradients are those of that modified lattice.
 
     Returns:
       Costs in the inputs' dtype. The cost of example b is -log of the total probability of all
@@ -39,15 +47,19 @@ def transducer_loss(emissions, predictions, labels, input_lengths, label_lengths
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    fastemit_lambda = _checks.check_float("fastemit_lambda", fastemit_lambda, minimum=0.0)
+    delay_penalty = _checks.check_float("delay_penalty", delay_penalty)
     emissions, predictions, dims = _checks.check_scores(emissions, predictions)
     blank = _checks.check_blank(blank, dims[3])
     input_lengths, label_lengths = _checks.check_lengths(input_lengths, label_lengths, dims)
     labels = _checks.check_labels(labels, label_lengths, dims)
-    return _costs(emissions, predictions, labels, input_lengths, label_lengths, blank, reduction)
+    return _costs(emissions, predictions, labels, input_lengths, label_lengths, blank, reduction,
+                  fastemit_lambda, delay_penalty)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6))
-def _costs(emissions, predictions, labels, input_lengths, label_lengths, blank, reduction):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
+def _costs(emissions, predictions, labels, input_lengths, label_lengths, blank, reduction,
+           fastemit_lambda, delay_penalty):
     # Jitted so that eager calls compile once per shape instead of dispatching op by op.
     B, T, V = emissions.shape
     dims = (B, T, predictions.shape[1] - 1, V)
@@ -59,8 +71,10 @@ def _costs(emissions, predictions, labels, input_lengths, label_lengths, blank, 
     safe = jnp.where(used & valid[:, None], labels, blank)
     safe = jnp.pad(safe, ((0, 0), (0, 1)), constant_values=blank)
     emit_lp = label_log_probs(emissions, predictions, log_norm, safe)
+    emit_lp = delay_penalized(emit_lp, input_lengths, delay_penalty)
 
-    costs = lattice_costs(blank_lp, emit_lp, *kernel_lengths(input_lengths, label_lengths, valid))
+    costs = lattice_costs(blank_lp, emit_lp, *kernel_lengths(input_lengths, label_lengths, valid),
+                          fastemit_lambda)
     costs = costs[:, 0]
     if reduction == "sum":
         return costs.sum()
@@ -75,15 +89,19 @@ class TransducerLoss:
     label_lengths)` (also `.apply(...)`) and `.viterbi(emissions, predictions, input_lengths,
     label_lengths)`."""
 
-    def __init__(self, blank=0, reduction="none"):
+    def __init__(self, blank=0, reduction="none", fastemit_lambda=0.0, delay_penalty=0.0):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
         self.blank = blank
         self.reduction = reduction
+        self.fastemit_lambda = fastemit_lambda
+        self.delay_penalty = delay_penalty
 
     def __call__(self, emissions, predictions, labels, input_lengths, label_lengths):
         return transducer_loss(emissions, predictions, labels, input_lengths, label_lengths,
-                               blank=self.blank, reduction=self.reduction)
+                               blank=self.blank, reduction=self.reduction,
+                               fastemit_lambda=self.fastemit_lambda,
+                               delay_penalty=self.delay_penalty)
 
     apply = __call__
 

@@ -33,6 +33,19 @@ def _example(emissions, predictions, labels, input_lengths, label_lengths, b):
     return lp, y, T_b, U_b
 
 
+def _delayed(lp, y, delay_penalty):
+    """k2's delay penalty: the label move out of (t, u) gains delay_penalty * ((T_b - 1)/2 - t)
+    in log space (labels must be non-blank). Returns the modified lattice scores."""
+    if not delay_penalty:
+        return lp
+    lp = lp.copy()
+    T_b = lp.shape[0]
+    for t in range(T_b):
+        for u in range(len(y)):
+            lp[t, u, y[u]] += delay_penalty * ((T_b - 1) / 2 - t)
+    return lp
+
+
 def _alpha(lp, y, blank):
     """Forward log-variables alpha (T, U+1): log-prob of reaching (t, u) from (0, 0)."""
     T, U1, _ = lp.shape
@@ -64,26 +77,37 @@ def _beta(lp, y, blank):
     return beta
 
 
-def costs(emissions, predictions, labels, input_lengths, label_lengths, blank=0):
-    """Negative log-likelihoods (B,) float64 via the alpha recursion."""
+def costs(emissions, predictions, labels, input_lengths, label_lengths, blank=0,
+          delay_penalty=0.0):
+    """Negative log-likelihoods (B,) float64 via the alpha recursion (of the delay-penalised
+    lattice when delay_penalty != 0)."""
     out = np.zeros(len(input_lengths), np.float64)
     for b in range(len(out)):
         lp, y, T_b, U_b = _example(emissions, predictions, labels, input_lengths, label_lengths, b)
+        lp = _delayed(lp, y, delay_penalty)
         alpha = _alpha(lp, y, blank)
         out[b] = -(alpha[T_b - 1, U_b] + lp[T_b - 1, U_b, blank])
     return out
 
 
-def gradients(emissions, predictions, labels, input_lengths, label_lengths, blank=0):
+def gradients(emissions, predictions, labels, input_lengths, label_lengths, blank=0,
+              fastemit_lambda=0.0, delay_penalty=0.0):
     """Exact gradient of sum_b costs[b]: (dE (B, T, V), dP (B, U+1, V)), float64,
-    zero outside t < T_b, u <= U_b."""
+    zero outside t < T_b, u <= U_b.
+
+    With fastemit_lambda (FastEmit as warp-transducer and NeMo implement it), every label move's
+    share of the gradient is scaled by (1 + fastemit_lambda): its term in the softmax part and its
+    -1 at the label. With delay_penalty, the flows are those of the penalised lattice, the softmax
+    that of the plain joiner."""
     dE = np.zeros(np.shape(emissions), np.float64)
     dP = np.zeros(np.shape(predictions), np.float64)
     for b in range(len(input_lengths)):
         lp, y, T_b, U_b = _example(emissions, predictions, labels, input_lengths, label_lengths, b)
+        softmax = np.exp(lp)
+        lp = _delayed(lp, y, delay_penalty)
         alpha, beta = _alpha(lp, y, blank), _beta(lp, y, blank)
         logZ = beta[0, 0]
-        grad = np.exp(alpha + beta - logZ)[:, :, None] * np.exp(lp)  # occupancy * softmax
+        grad = np.exp(alpha + beta - logZ)[:, :, None] * softmax  # occupancy * softmax
         for t in range(T_b):
             for u in range(U_b + 1):
                 if t < T_b - 1:
@@ -94,7 +118,9 @@ def gradients(emissions, predictions, labels, input_lengths, label_lengths, blan
                     nxt = -np.inf
                 grad[t, u, blank] -= np.exp(alpha[t, u] + lp[t, u, blank] + nxt - logZ)
                 if u < U_b:
-                    grad[t, u, y[u]] -= np.exp(alpha[t, u] + lp[t, u, y[u]] + beta[t, u + 1] - logZ)
+                    flow = np.exp(alpha[t, u] + lp[t, u, y[u]] + beta[t, u + 1] - logZ)
+                    grad[t, u, :] += fastemit_lambda * flow * softmax[t, u]
+                    grad[t, u, y[u]] -= (1 + fastemit_lambda) * flow
         dE[b, :T_b] = grad.sum(axis=1)
         dP[b, :U_b + 1] = grad.sum(axis=0)
     return dE, dP

@@ -126,3 +126,13 @@ def test_kernels_never_index_with_invalid_lengths(device, in_len, lab_len):
     assert np.isnan(np.asarray(costs)[0, 0]) and np.isfinite(np.asarray(costs)[1, 0])
     assert (np.asarray(fb)[0] == 0).all() and (np.asarray(fe)[0] == 0).all()
     assert (np.asarray(path)[0] == 5).all() and (np.asarray(path)[1, :U] == 1).all()
+
+
+@pytest.mark.parametrize("name,value,error", [
+    ("fastemit_lambda", -0.1, ValueError), ("fastemit_lambda", np.nan, ValueError),
+    ("delay_penalty", np.inf, ValueError), ("delay_penalty", "0.1", TypeError),
+    ("fastemit_lambda", np.ones(2), TypeError),
+])
+def test_bad_options(name, value, error):
+    with pytest.raises(error, match=name):
+        call(**{name: value})

@@ -55,3 +55,31 @@ def test_cotangent_scales_each_example(device):
         one = lambda e: jt.transducer_loss(e, P, labels, in_len, lab_len)[b]
         np.testing.assert_allclose(g[b], w[b] * np.asarray(jax.grad(one)(*put(device, E)))[b],
                                    atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5]])
+@pytest.mark.parametrize("fastemit,delay", [(0.01, 0.0), (0.5, 0.0), (0.0, 0.3), (0.2, -0.4)])
+def test_fastemit_and_delay_penalty_match_reference(device, case, fastemit, delay):
+    E, P, labels, in_len, lab_len = make_batch(**case)
+    blank = case.get("blank", 0)
+    args = put(device, E, P, labels, in_len, lab_len)
+    costs, (gE, gP) = jax.value_and_grad(
+        lambda e, p: jt.transducer_loss(e, p, *args[2:], blank=blank, fastemit_lambda=fastemit,
+                                        delay_penalty=delay).sum(), argnums=(0, 1))(*args[:2])
+    want = ref.costs(E, P, labels, in_len, lab_len, blank, delay_penalty=delay)
+    np.testing.assert_allclose(costs, want.sum(), rtol=1e-10)
+    wE, wP = ref.gradients(E, P, labels, in_len, lab_len, blank, fastemit_lambda=fastemit,
+                           delay_penalty=delay)
+    np.testing.assert_allclose(np.asarray(gE), wE, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(gP), wP, atol=1e-10)
+
+
+def test_fastemit_leaves_costs_and_changes_gradients(device):
+    E, P, labels, in_len, lab_len = make_batch(33)
+    args = put(device, E, P, labels, in_len, lab_len)
+    plain = jt.transducer_loss(*args)
+    fast = jt.transducer_loss(*args, fastemit_lambda=0.1)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(fast))
+    g0 = jax.grad(lambda e: jt.transducer_loss(e, *args[1:]).sum())(args[0])
+    g1 = jax.grad(lambda e: jt.transducer_loss(e, *args[1:], fastemit_lambda=0.1).sum())(args[0])
+    assert not np.allclose(np.asarray(g0), np.asarray(g1))

@@ -70,11 +70,12 @@ def test_log_softmax_joiner():
     np.testing.assert_allclose(lp[1, 2] - lp[1, 2, 0], (E[1] + P[2]) - (E[1, 0] + P[2, 0]), atol=1e-10)
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.7])
 @pytest.mark.parametrize("case", CASES)
-def test_gradients_finite_differences(case):
+def test_gradients_finite_differences(case, delay):
     blank = case.get("blank", 0)
     E, P, y, il, ll = make_batch(**case)
-    dE, dP = ref.gradients(E, P, y, il, ll, blank=blank)
+    dE, dP = ref.gradients(E, P, y, il, ll, blank=blank, delay_penalty=delay)
     assert dE.shape == E.shape and dP.shape == P.shape
     rng = np.random.default_rng(100 + case["seed"])
     eps = 1e-6
@@ -88,8 +89,8 @@ def test_gradients_finite_differences(case):
             minus[idx] -= eps
             args_p = (plus, P) if arr is E else (E, plus)
             args_m = (minus, P) if arr is E else (E, minus)
-            fd = (ref.costs(*args_p, y, il, ll, blank=blank).sum()
-                  - ref.costs(*args_m, y, il, ll, blank=blank).sum()) / (2 * eps)
+            fd = (ref.costs(*args_p, y, il, ll, blank=blank, delay_penalty=delay).sum()
+                  - ref.costs(*args_m, y, il, ll, blank=blank, delay_penalty=delay).sum()) / (2 * eps)
             np.testing.assert_allclose(grad[idx], fd, rtol=1e-6, atol=1e-8)
 
 
@@ -146,3 +147,18 @@ def test_viterbi_label_free_and_single_frame():
     s = E[1, 0][None, :] + P[1, :3]
     s[:, 0] = -np.inf
     np.testing.assert_array_equal(v[1], np.argmax(s, axis=-1))
+
+
+def test_delay_penalty_shifts_each_path_by_its_emission_times():
+    # One label, T frames: the path emitting at frame s gains delay * ((T-1)/2 - s).
+    rng = np.random.default_rng(7)
+    T, V, delay = 4, 3, 0.9
+    E, P = rng.normal(size=(1, T, V)), rng.normal(size=(1, 2, V))
+    y, il, ll = np.array([[1]]), np.array([T]), np.array([1])
+    lp = ref.log_softmax_joiner(E[0], P[0])
+    total = 0.0
+    for s in range(T):  # blanks at u=0 before s, the label at (s, 0), blanks at u=1 after
+        score = sum(lp[t, 0, 0] for t in range(s)) + lp[s, 0, 1] + delay * ((T - 1) / 2 - s)
+        score += sum(lp[t, 1, 0] for t in range(s, T))
+        total += np.exp(score)
+    np.testing.assert_allclose(ref.costs(E, P, y, il, ll, delay_penalty=delay), [-np.log(total)])
