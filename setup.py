@@ -6,6 +6,10 @@ The CPU extension (``jax_transducer._cpu``) is always built. The CUDA extension
 it when nvcc is found. nvcc is looked up at ``$CUDA_HOME/bin``, ``$CUDA_PATH/bin``, on ``PATH``,
 then at ``/usr/local/cuda/bin``. ``JAX_TRANSDUCER_CUDA_ARCHS`` overrides the list of SM
 versions (default ``80;90``; PTX of the last one is embedded too).
+
+``JAX_TRANSDUCER_SANITIZE=1`` builds the CPU extension with AddressSanitizer and
+UndefinedBehaviorSanitizer (run Python with ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``
+and ``ASAN_OPTIONS=detect_leaks=0``; see .ci/sanitize).
 """
 
 import os
@@ -23,6 +27,9 @@ FFI_INCLUDE = os.path.join(os.path.dirname(jaxlib.__file__), "include")
 # -fno-trapping-math lets the lattice loops vectorise (selects become blends); no code relies on
 # floating-point traps.
 CXX_FLAGS = ["-O3", "-fvisibility=hidden", "-fno-trapping-math"]
+SANITIZE = os.environ.get("JAX_TRANSDUCER_SANITIZE", "0").strip().lower() in ("1", "on", "true", "yes")
+SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                   "-fno-omit-frame-pointer", "-g"]
 CUDA_SOURCES = ["lib/cuda/lattice_cuda.cu"]
 
 
@@ -82,7 +89,8 @@ extensions = [
         "jax_transducer._cpu",
         ["lib/ffi/cpu.cc"],
         include_dirs=[FFI_INCLUDE],
-        extra_compile_args=CXX_FLAGS,
+        extra_compile_args=CXX_FLAGS + (SANITIZER_FLAGS if SANITIZE else []),
+        extra_link_args=SANITIZER_FLAGS if SANITIZE else [],
         cxx_std=17,
     )
 ]
