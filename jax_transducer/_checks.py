@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FLOAT_DTYPES = (jnp.float32, jnp.float64)
+FLOAT_DTYPES = (jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16)
 
 
 def _shape_error(name, expected, actual):
@@ -39,7 +39,8 @@ def check_scores(emissions, predictions):
     emissions, predictions = jnp.asarray(emissions), jnp.asarray(predictions)
     for name, x in (("emissions", emissions), ("predictions", predictions)):
         if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}: expected float32 or float64, got dtype {x.dtype}")
+            raise TypeError(f"{name}: expected float32, float64, bfloat16 or float16, got dtype "
+                            f"{x.dtype}")
         if x.ndim != 3:
             raise ValueError(f"{name}: expected rank 3, got shape {x.shape}")
     if emissions.dtype != predictions.dtype:
@@ -51,6 +52,12 @@ def check_scores(emissions, predictions):
     if T < 1 or V < 1:
         raise _shape_error("emissions", "(B, T >= 1, V >= 1)", emissions.shape)
     return emissions, predictions, (B, T, predictions.shape[1] - 1, V)
+
+
+def compute_dtype(dtype):
+    """Inside, everything runs in float32 at least: bfloat16 and float16 are widened (their
+    gradients come back in their own dtype through the cast)."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def check_blank(blank, V):

@@ -17,7 +17,7 @@ def transducer_loss(emissions, predictions, labels, input_lengths, label_lengths
     """RNN-Transducer loss with the additive joiner logits[b,t,u,:] = emissions[b,t,:] + predictions[b,u,:].
 
     Args:
-      emissions: (B, T, V) float32 or float64 unnormalised encoder scores.
+      emissions: (B, T, V) unnormalised encoder scores: float32, float64, bfloat16 or float16.
       predictions: (B, U+1, V) unnormalised prediction-network scores, same dtype.
       labels: (B, U) integer targets (converted to int32).
       input_lengths: (B,) integers in [1, T]: example b uses frames t < input_lengths[b].
@@ -33,7 +33,9 @@ def transducer_loss(emissions, predictions, labels, input_lengths, label_lengths
         favour earlier emissions). Costs and gradients are those of that modified lattice.
 
     Returns:
-      Costs in the inputs' dtype. The cost of example b is -log of the total probability of all
+      Costs in float32 (float64 for float64 inputs): bfloat16 and float16 inputs are widened to
+      float32 inside, every sum and matmul included, and their gradients come back in their own
+      dtype. The cost of example b is -log of the total probability of all
       lattice paths from (0, 0) that emit labels[b, :label_lengths[b]] in order and end with the
       blank out of (input_lengths[b] - 1, label_lengths[b]); the log-softmax is over V.
 
@@ -63,6 +65,8 @@ def _costs(emissions, predictions, labels, input_lengths, label_lengths, blank, 
     # Jitted so that eager calls compile once per shape instead of dispatching op by op.
     B, T, V = emissions.shape
     dims = (B, T, predictions.shape[1] - 1, V)
+    dtype = _checks.compute_dtype(emissions.dtype)
+    emissions, predictions = emissions.astype(dtype), predictions.astype(dtype)
     valid = _checks.valid_examples(input_lengths, label_lengths, dims, labels)
     log_norm, blank_lp = prepare(
         emissions, predictions, input_lengths, label_lengths, valid, blank)

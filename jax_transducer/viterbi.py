@@ -31,7 +31,8 @@ def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0):
     """Labels along the best path of the lattice, with each label move taking the best non-blank label.
 
     Args:
-      emissions: (B, T, V) float32 or float64 scores; predictions: (B, U+1, V), same dtype.
+      emissions: (B, T, V) scores (float32, float64, bfloat16 or float16; computed in float32 at
+        least); predictions: (B, U+1, V), same dtype.
       input_lengths: (B,) integers in [1, T]; label_lengths: (B,) integers in [0, U].
       blank: Python int in [0, V).
 
@@ -59,7 +60,8 @@ def _viterbi(emissions, predictions, input_lengths, label_lengths, blank):
     B, T, V = emissions.shape
     dims = (B, T, predictions.shape[1] - 1, V)
     valid = _checks.valid_examples(input_lengths, label_lengths, dims)
-    emissions, predictions = jax.lax.stop_gradient((emissions, predictions))
+    dtype = _checks.compute_dtype(emissions.dtype)
+    emissions, predictions = jax.lax.stop_gradient((emissions.astype(dtype), predictions.astype(dtype)))
 
     log_norm, blank_lp = prepare(
         emissions, predictions, input_lengths, label_lengths, valid, blank)

@@ -32,7 +32,7 @@ def call(**changes):
     (dict(labels=LABELS.astype(np.float32)), TypeError, "labels: expected an integer"),
     (dict(input_lengths=IN_LEN[:2]), ValueError, "input_lengths: expected shape"),
     (dict(label_lengths=LAB_LEN[:, None]), ValueError, "label_lengths: expected rank 1"),
-    (dict(emissions=E.astype(np.int32)), TypeError, "emissions: expected float32 or float64"),
+    (dict(emissions=E.astype(np.int32)), TypeError, "emissions: expected float32, float64"),
     (dict(predictions=P.astype(np.float32)), TypeError, "predictions: expected dtype float64"),
     (dict(emissions=E[:, :0]), ValueError, "emissions: expected shape"),
 ])

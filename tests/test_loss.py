@@ -100,3 +100,24 @@ def test_memory_does_not_grow_with_vocabulary():
         assert temps[-1] < 0.25 * B * T * (U + 1) * V * 4
     # 16x the vocabulary: the (T+U)*V part grows, the T*U part does not; far from 16x the joiner.
     assert temps[1] < 16 * temps[0]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_inputs_compute_in_float32(device, dtype):
+    import ml_dtypes  # noqa: F401  (jax's dependency; gives numpy the bfloat16 dtype)
+    E, P, labels, in_len, lab_len = make_batch(24, pad=0.0)
+    E16, P16 = E.astype(dtype), P.astype(dtype)
+    args = put(device, E16, P16, labels, in_len, lab_len)
+    costs = jt.transducer_loss(*args)
+    assert costs.dtype == np.float32
+    # The reference on exactly the rounded inputs: only float32 arithmetic separates them.
+    E64, P64 = E16.astype(np.float64), P16.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(costs), ref.costs(E64, P64, labels, in_len, lab_len),
+                               rtol=2e-5)
+    gE, gP = jax.grad(lambda e, p: jt.transducer_loss(e, p, *args[2:]).sum(),
+                      argnums=(0, 1))(*args[:2])
+    assert gE.dtype == E16.dtype and gP.dtype == P16.dtype
+    wE, _ = ref.gradients(E64, P64, labels, in_len, lab_len)
+    np.testing.assert_allclose(np.asarray(gE, np.float64), wE, atol=2e-2, rtol=2e-2)
+    np.testing.assert_array_equal(jt.viterbi(*args[:2], in_len, lab_len),
+                                  ref.viterbi(E64, P64, in_len, lab_len))
