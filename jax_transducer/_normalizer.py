@@ -82,7 +82,7 @@ def _exact_grads(e, p, weight, log_norm):
 
 
 def _forward(emissions, predictions, e_used, p_used):
-    e, p = _masked(emissions, e_used), _masked(predictions, p_used)
+    e, p = _masked_pair(emissions, predictions, e_used, p_used)
     exp_e, max_e = _exponentials(e)
     exp_p, max_p = _exponentials(p)
     sums = jnp.einsum("btv,buv->btu", exp_e, exp_p, precision=PRECISION)
@@ -91,19 +91,26 @@ def _forward(emissions, predictions, e_used, p_used):
     # together weigh at most sqrt(tiny) relative. Below that, recompute the cell.
     inexact = sums < jnp.sqrt(jnp.finfo(sums.dtype).tiny) * e.shape[-1]
 
-    log_norm = jax.lax.cond(jnp.any(inexact),
-                            lambda x: jnp.where(inexact, _exact_log_norm(e, p), x),
-                            lambda x: x, log_norm)
-    return log_norm, (e, p, exp_e, exp_p, sums, log_norm, inexact)
+    # The exact branch re-masks the raw inputs, so that no masked copy is stored in the common case.
+    exact = lambda x: jnp.where(inexact, _exact_log_norm(*_masked_pair(
+        emissions, predictions, e_used, p_used)), x)
+    log_norm = jax.lax.cond(jnp.any(inexact), exact, lambda x: x, log_norm)
+    return log_norm, (emissions, predictions, e_used, p_used, exp_e, exp_p, sums, log_norm,
+                      inexact)
+
+
+def _masked_pair(emissions, predictions, e_used, p_used):
+    return _masked(emissions, e_used), _masked(predictions, p_used)
 
 
 def _backward(residuals, g):
-    e, p, exp_e, exp_p, sums, log_norm, inexact = residuals
+    emissions, predictions, e_used, p_used, exp_e, exp_p, sums, log_norm, inexact = residuals
     w = jnp.where(inexact, 0, g / jnp.where(inexact, 1, sums))
     d_e = exp_e * jnp.einsum("btu,buv->btv", w, exp_p, precision=PRECISION)
     d_p = exp_p * jnp.einsum("btu,btv->buv", w, exp_e, precision=PRECISION)
 
     def exact(grads):
+        e, p = _masked_pair(emissions, predictions, e_used, p_used)
         extra = _exact_grads(e, p, jnp.where(inexact, g, 0), log_norm)
         return grads[0] + extra[0], grads[1] + extra[1]
 
