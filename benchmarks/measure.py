@@ -34,18 +34,34 @@ def compile_jit(fn, *args):
     return compiled, compiled.memory_analysis().temp_size_in_bytes
 
 
+def busy_cpu_seconds():
+    """CPU seconds spent by the whole machine so far (all processes), from /proc/stat, or None."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(n) for n in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def time_calls(fn, repeats):
-    """Median and min wall seconds of fn() over `repeats` calls after one warm-up call, and the
-    process CPU seconds per wall second (how many cores were busy). fn must block on its result."""
+    """Median and min wall seconds of fn() over `repeats` calls after one warm-up call, with
+    cpu_per_wall (this process's CPU seconds per wall second: how many cores it kept busy) and
+    other_per_wall (CPU seconds of every other process per wall second: contention; coarse, the
+    kernel counts in 10 ms ticks; None under 0.5 s). fn must block on its result."""
     fn()
-    walls, cpu0 = [], time.process_time()
+    walls, cpu0, busy0, t0 = [], time.process_time(), busy_cpu_seconds(), time.perf_counter()
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         walls.append(time.perf_counter() - start)
-    cpu = time.process_time() - cpu0
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    busy1 = busy_cpu_seconds()
+    # Too coarse below ~0.5 s of wall time: left out.
+    other = None if busy1 is None or wall < 0.5 else max(0.0, (busy1 - busy0 - cpu) / wall)
     return dict(median_s=statistics.median(walls), min_s=min(walls), repeats=repeats,
-                cpu_per_wall=cpu / sum(walls))
+                cpu_per_wall=cpu / wall, other_per_wall=other)
 
 
 def jax_timer(compiled, *args):
@@ -63,6 +79,20 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+def package_fingerprint():
+    """sha256 (12 hex digits) of the imported jax_transducer's .py and .so files, and their
+    newest modification time: which build was measured, while the package is being edited."""
+    import hashlib
+    import pathlib
+
+    import jax_transducer as jt
+    files = sorted(f for f in pathlib.Path(jt.__file__).parent.iterdir()
+                   if f.suffix in (".py", ".so"))
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+    newest = max(f.stat().st_mtime for f in files)
+    return f"{digest} (newest file {datetime.datetime.fromtimestamp(newest).isoformat()})"
+
+
 def machine_info(device):
     import jax_transducer as jt
     return dict(
@@ -75,6 +105,7 @@ def machine_info(device):
         jax=jax.__version__,
         jax_transducer=jt.__version__,
         build_info=jt.build_info(),
+        package_fingerprint=package_fingerprint(),
         device=str(device),
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         load_average_at_start=os.getloadavg(),

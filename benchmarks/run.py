@@ -20,7 +20,6 @@ import sys
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jax_transducer as jt
@@ -63,7 +62,7 @@ def check_agreement(name, ours, theirs, rtol=1e-4, grad_tol=1e-2):
 def skip_reason(cells, bytes_needed, rate, args):
     """'OOM ...' / 'too slow ...' if a full-joiner peer should not run, else None."""
     if bytes_needed > args.mem_budget_gib * GiB:
-        return f"OOM: needs ~{bytes_needed / GiB:.1f} GiB > budget {args.mem_budget_gib:g} GiB"
+        return f"OOM: needs ~{bytes_needed / GiB:.3g} GiB > budget {args.mem_budget_gib:g} GiB"
     if rate and rate * cells * (args.repeats + 2) > args.peer_max_seconds:
         return (f"too slow: ~{rate * cells:.0f} s/call, x{args.repeats + 2} calls "
                 f"> {args.peer_max_seconds:g} s")
@@ -117,8 +116,10 @@ def bench_shape(shape, args, device, rates):
         row[name] = time_calls(fn, args.repeats)
         if name in ("pure_jax", "torchaudio"):
             rates[name] = max(rates.get(name, 0.0), row[name]["median_s"] / cells)
+        other = row[name]["other_per_wall"]
         log(f"[{B},{T},{U},{V}] {name:13s} median {1e3 * row[name]['median_s']:9.2f} ms "
-            f"(cpu/wall {row[name]['cpu_per_wall']:.2f})")
+            f"(cpu/wall {row[name]['cpu_per_wall']:.2f}, other processes "
+            f"{'?' if other is None else f'{other:.2f}'} cores)")
     for name, why in row["skipped"].items():
         log(f"[{B},{T},{U},{V}] {name:13s} skipped: {why}")
     return row
@@ -146,17 +147,25 @@ def temp_ratio(row):
     return "—"
 
 
+def other_load(row):
+    """Most CPU (in cores) other processes used during any of the row's measurements."""
+    loads = [m["other_per_wall"] for m in row.values()
+             if isinstance(m, dict) and m.get("other_per_wall") is not None]
+    return f"{max(loads):.2f}" if loads else "?"
+
+
 def table(rows):
     head = ["B", "T", "U", "V", "ours fwd ms", "ours fwd+bwd ms", "ours viterbi ms", "matmul ms",
             "fwd+bwd / matmul", "pure-JAX fwd+bwd ms", "pure-JAX / ours", "torchaudio ms",
-            "ours temp MiB", "pure-JAX temp MiB", "pure-JAX / ours temp", "joiner MiB"]
+            "ours temp MiB", "pure-JAX temp MiB", "pure-JAX / ours temp", "joiner MiB",
+            "other load (cores)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["B"], r["T"], r["U"], r["V"], ms(r, "ours_fwd"), ms(r, "ours_fwd_bwd"),
                  ms(r, "ours_viterbi"), ms(r, "matmul"), ratio(r, "ours_fwd_bwd", "matmul"),
                  ms(r, "pure_jax"), ratio(r, "pure_jax", "ours_fwd_bwd"), ms(r, "torchaudio"),
                  mib(r["ours_fwd_bwd_temp"]), mib(r.get("pure_jax_temp")), temp_ratio(r),
-                 mib(r["joiner_bytes"])]
+                 mib(r["joiner_bytes"]), other_load(r)]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
