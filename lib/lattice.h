@@ -93,13 +93,16 @@ JT_HD float log1p_exp(float x) {
 JT_HD double log1p_exp(double x) { return log1p(exp(x)); }
 
 // log(exp(a) + exp(b)), branch-free so that it vectorises. NaN in either operand gives NaN (so a
-// bad value poisons only its own example), and -inf + -inf stays -inf.
-template <typename T>
-JT_HD T log_add(T a, T b) {
-  const T hi = a > b ? a : b;
-  const T lo = a > b ? b : a;
-  const bool special = !(hi > neg_inf<T>()) | (a != a) | (b != b);
-  const T sum = hi + log1p_exp(special ? T(0) : lo - hi);
+// bad value poisons only its own example), and -inf + -inf stays -inf. A is the type the values
+// accumulate in, M the type of the correction term log1p(exp(-|a - b|)) <= log 2: the CPU float
+// kernels accumulate in double (a long recursion of float roundings at magnitudes of thousands
+// costs digits) while evaluating the correction with the fast float math.
+template <typename A, typename M = A>
+JT_HD A log_add(A a, A b) {
+  const A hi = a > b ? a : b;
+  const A lo = a > b ? b : a;
+  const bool special = !(hi > neg_inf<A>()) | (a != a) | (b != b);
+  const A sum = hi + static_cast<A>(log1p_exp(static_cast<M>(special ? A(0) : lo - hi)));
   return special ? a + b : sum;  // -inf, or NaN if either is NaN
 }
 
@@ -112,20 +115,21 @@ JT_HD bool lengths_valid(int32_t t_len, int32_t u_len, int64_t T, int64_t U1) {
 
 // alpha[t, u]: log-probability of reaching (t, u) from (0, 0).
 // top = alpha[t-1, u] + blank[t-1, u] (or -inf at t = 0); left = alpha[t, u-1] + emit[t, u-1].
-template <typename T>
-JT_HD T alpha_cell(T top, T left) { return log_add(top, left); }
+template <typename A, typename M = A>
+JT_HD A alpha_cell(A top, A left) { return log_add<A, M>(top, left); }
 
 // beta[t, u]: log-probability of finishing from (t, u), its last blank included.
 // down = beta[t+1, u] + blank[t, u]; right = beta[t, u+1] + emit[t, u].
-template <typename T>
-JT_HD T beta_cell(T down, T right) { return log_add(down, right); }
+template <typename A, typename M = A>
+JT_HD A beta_cell(A down, A right) { return log_add<A, M>(down, right); }
 
 // Posterior share of the paths through one move: the derivative of -cost w.r.t. its
 // log-probability. alpha_from is alpha at the move's start, beta_to beta at its end (0 for the
 // final blank), log_z = log of the total probability (= -cost).
-template <typename T>
-JT_HD T move_flow(T alpha_from, T log_prob, T beta_to, T log_z) {
-  return jt_exp(alpha_from + log_prob + beta_to - log_z);
+// The sum is formed in A, the exponential evaluated in M.
+template <typename A, typename M = A>
+JT_HD M move_flow(A alpha_from, A log_prob, A beta_to, A log_z) {
+  return jt_exp(static_cast<M>(alpha_from + log_prob + beta_to - log_z));
 }
 
 // Viterbi decision at (t, u): true when the best path arrives by the blank move from (t-1, u).

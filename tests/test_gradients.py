@@ -83,3 +83,21 @@ def test_fastemit_leaves_costs_and_changes_gradients(device):
     g0 = jax.grad(lambda e: jt.transducer_loss(e, *args[1:]).sum())(args[0])
     g1 = jax.grad(lambda e: jt.transducer_loss(e, *args[1:], fastemit_lambda=0.1).sum())(args[0])
     assert not np.allclose(np.asarray(g0), np.asarray(g1))
+
+
+def test_float32_stays_accurate_on_long_lattices(device):
+    # Costs in the hundreds: float32 roundings repeated over T + U diagonals must not pile up
+    # (the CPU kernels accumulate in double).
+    rng = np.random.default_rng(34)
+    B, T, U, V = 2, 300, 30, 50
+    E, P = rng.normal(size=(B, T, V)), rng.normal(size=(B, U + 1, V))
+    labels = rng.integers(1, V, size=(B, U)).astype(np.int32)
+    lens = np.full(B, T, np.int32), np.full(B, U, np.int32)
+    args = put(device, E.astype(np.float32), P.astype(np.float32), labels, *lens)
+    costs = jt.transducer_loss(*args)
+    np.testing.assert_allclose(np.asarray(costs), ref.costs(E, P, labels, *lens), rtol=1e-6)
+    gE, gP = jax.grad(lambda e, p: jt.transducer_loss(e, p, *args[2:]).sum(),
+                      argnums=(0, 1))(*args[:2])
+    wE, wP = ref.gradients(E, P, labels, *lens)
+    assert np.abs(np.asarray(gE) - wE).max() < 2e-4 * np.abs(wE).max()
+    assert np.abs(np.asarray(gP) - wP).max() < 2e-4 * np.abs(wP).max()

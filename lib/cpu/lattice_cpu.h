@@ -1,12 +1,15 @@
 // CPU schedule of the lattice recursions (the per-cell math is lib/lattice.h). Pointers address
 // one example's row-major (T, U1) slab. Alpha and beta sweep anti-diagonals d = t + u: the cells
 // of one diagonal are independent, so their log-adds vectorise instead of forming one long
-// dependency chain. Each diagonal's values live in a scratch row indexed by u.
+// dependency chain. Each diagonal's values live in a scratch row indexed by u, in double: float
+// roundings of values in the thousands, repeated over T + U diagonals, would cost the flows about
+// three digits; the log-add's correction term still uses the fast float math.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "../lattice.h"
 
@@ -21,15 +24,16 @@ struct Diagonal {
 };
 
 // Fills alpha (unused cells with -inf) and returns the cost, NaN for an invalid example.
-// scratch: 2 * u1 values.
 template <typename T>
 T forward_example(const T* blank, const T* emit, T* alpha, int64_t nt, int64_t u1, int32_t t_len,
-                  int32_t u_len, T* scratch) {
+                  int32_t u_len) {
   std::fill(alpha, alpha + nt * u1, neg_inf<T>());
   if (!lengths_valid(t_len, u_len, nt, u1)) return quiet_nan<T>();
-  T* prev = scratch;  // alpha on diagonal d - 1
-  T* cur = scratch + u1;
-  cur[0] = alpha[0] = T(0);
+  std::vector<double> rows(2 * u1);
+  double* prev = rows.data();  // alpha on diagonal d - 1
+  double* cur = prev + u1;
+  cur[0] = 0.0;
+  alpha[0] = T(0);
   for (int64_t d = 1; d < t_len + u_len; ++d) {
     std::swap(prev, cur);
     const Diagonal g(d, t_len, u_len);
@@ -40,27 +44,27 @@ T forward_example(const T* blank, const T* emit, T* alpha, int64_t nt, int64_t u
     if (g.hi == d) cur[d] = prev[d - 1] + emit[d - 1];
     for (int64_t u = lo; u <= hi; ++u) {
       const int64_t c = (d - u) * u1 + u;
-      cur[u] = alpha_cell(prev[u] + blank[c - u1], prev[u - 1] + emit[c - 1]);
+      cur[u] = alpha_cell<double, T>(prev[u] + blank[c - u1], prev[u - 1] + emit[c - 1]);
     }
-    for (int64_t u = g.lo; u <= g.hi; ++u) alpha[(d - u) * u1 + u] = cur[u];
+    for (int64_t u = g.lo; u <= g.hi; ++u) alpha[(d - u) * u1 + u] = static_cast<T>(cur[u]);
   }
   const int64_t last = (t_len - 1) * u1 + u_len;
-  return -(alpha[last] + blank[last]);
+  return static_cast<T>(-(cur[u_len] + blank[last]));  // the last diagonal ends at (t_len-1, u_len)
 }
 
 // Writes the flows of every move (zero outside the lattice and for an invalid example), running
-// beta backwards over diagonals. scratch: 2 * u1 values.
+// beta backwards over diagonals.
 template <typename T>
 void backward_example(const T* blank, const T* emit, const T* alpha, T cost, T* flow_blank,
-                      T* flow_emit, int64_t nt, int64_t u1, int32_t t_len, int32_t u_len,
-                      T* scratch) {
+                      T* flow_emit, int64_t nt, int64_t u1, int32_t t_len, int32_t u_len) {
   std::fill(flow_blank, flow_blank + nt * u1, T(0));
   std::fill(flow_emit, flow_emit + nt * u1, T(0));
   if (!lengths_valid(t_len, u_len, nt, u1)) return;
-  const T log_z = -cost;
+  const double log_z = -static_cast<double>(cost);
   const int64_t t_last = t_len - 1;
-  T* next = scratch;  // beta on diagonal d + 1
-  T* cur = scratch + u1;
+  std::vector<double> rows(2 * u1);
+  double* next = rows.data();  // beta on diagonal d + 1
+  double* cur = next + u1;
   for (int64_t d = t_last + u_len; d >= 0; --d) {
     const Diagonal g(d, t_len, u_len);
     // Edge cells: the last row (only the final blank leaves it, at u = u_len) and the last
@@ -69,12 +73,13 @@ void backward_example(const T* blank, const T* emit, const T* alpha, T cost, T* 
       const int64_t t = d - u, c = t * u1 + u;
       const bool last_row = t == t_last;
       const bool has_blank = !last_row || u == u_len;
-      const T beta_below = last_row ? T(0) : next[u];
-      const T down = has_blank ? beta_below + blank[c] : neg_inf<T>();
-      const T right = u < u_len ? next[u + 1] + emit[c] : neg_inf<T>();
-      cur[u] = beta_cell(down, right);
-      if (has_blank) flow_blank[c] = move_flow(alpha[c], blank[c], beta_below, log_z);
-      if (u < u_len) flow_emit[c] = move_flow(alpha[c], emit[c], next[u + 1], log_z);
+      const double beta_below = last_row ? 0.0 : next[u];
+      const double down = has_blank ? beta_below + blank[c] : neg_inf<double>();
+      const double right = u < u_len ? next[u + 1] + emit[c] : neg_inf<double>();
+      cur[u] = beta_cell<double, T>(down, right);
+      if (has_blank)
+        flow_blank[c] = move_flow<double, T>(alpha[c], blank[c], beta_below, log_z);
+      if (u < u_len) flow_emit[c] = move_flow<double, T>(alpha[c], emit[c], next[u + 1], log_z);
     };
     const bool lo_edge = d - g.lo == t_last;
     const bool hi_edge = g.hi == u_len;
@@ -84,12 +89,12 @@ void backward_example(const T* blank, const T* emit, const T* alpha, T cost, T* 
     const int64_t hi = hi_edge ? g.hi - 1 : g.hi;
     for (int64_t u = lo; u <= hi; ++u) {
       const int64_t c = (d - u) * u1 + u;
-      cur[u] = beta_cell(next[u] + blank[c], next[u + 1] + emit[c]);
+      cur[u] = beta_cell<double, T>(next[u] + blank[c], next[u + 1] + emit[c]);
     }
     for (int64_t u = lo; u <= hi; ++u) {
       const int64_t c = (d - u) * u1 + u;
-      flow_blank[c] = move_flow(alpha[c], blank[c], next[u], log_z);
-      flow_emit[c] = move_flow(alpha[c], emit[c], next[u + 1], log_z);
+      flow_blank[c] = move_flow<double, T>(alpha[c], blank[c], next[u], log_z);
+      flow_emit[c] = move_flow<double, T>(alpha[c], emit[c], next[u + 1], log_z);
     }
     std::swap(cur, next);
   }

@@ -55,29 +55,27 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
 
 template <typename T>
 T forward_one(const T* blank, const T* emit, T* alpha, int64_t nt, int64_t u1, int32_t t_len,
-              int32_t u_len, T* scratch) {
-  return cpu::forward_example(blank, emit, alpha, nt, u1, t_len, u_len, scratch);
+              int32_t u_len) {
+  return cpu::forward_example(blank, emit, alpha, nt, u1, t_len, u_len);
 }
 
 template <>
 JT_CPU_CLONES float forward_one(const float* blank, const float* emit, float* alpha, int64_t nt,
-                                int64_t u1, int32_t t_len, int32_t u_len, float* scratch) {
-  return cpu::forward_example(blank, emit, alpha, nt, u1, t_len, u_len, scratch);
+                                int64_t u1, int32_t t_len, int32_t u_len) {
+  return cpu::forward_example(blank, emit, alpha, nt, u1, t_len, u_len);
 }
 
 template <typename T>
 void backward_one(const T* blank, const T* emit, const T* alpha, T cost, T* flow_blank,
-                  T* flow_emit, int64_t nt, int64_t u1, int32_t t_len, int32_t u_len, T* scratch) {
-  cpu::backward_example(blank, emit, alpha, cost, flow_blank, flow_emit, nt, u1, t_len, u_len,
-                        scratch);
+                  T* flow_emit, int64_t nt, int64_t u1, int32_t t_len, int32_t u_len) {
+  cpu::backward_example(blank, emit, alpha, cost, flow_blank, flow_emit, nt, u1, t_len, u_len);
 }
 
 template <>
 JT_CPU_CLONES void backward_one(const float* blank, const float* emit, const float* alpha,
                                 float cost, float* flow_blank, float* flow_emit, int64_t nt,
-                                int64_t u1, int32_t t_len, int32_t u_len, float* scratch) {
-  cpu::backward_example(blank, emit, alpha, cost, flow_blank, flow_emit, nt, u1, t_len, u_len,
-                        scratch);
+                                int64_t u1, int32_t t_len, int32_t u_len) {
+  cpu::backward_example(blank, emit, alpha, cost, flow_blank, flow_emit, nt, u1, t_len, u_len);
 }
 
 bool same_float_dtype(std::initializer_list<const ffi::AnyBuffer*> bufs) {
@@ -96,9 +94,8 @@ void forward_all(ffi::ThreadPool& pool, const LatticeDims& d, ffi::AnyBuffer bla
   T* al = alpha->typed_data<T>();
   T* co = costs->typed_data<T>();
   parallel_for(pool, d.batch, [&](int64_t b) {
-    std::vector<T> scratch(2 * d.u1);
-    co[b] = forward_one(bl + b * slab, em + b * slab, al + b * slab, d.nt, d.u1,
-                                 in_len[b], lab_len[b], scratch.data());
+    co[b] = forward_one(bl + b * slab, em + b * slab, al + b * slab, d.nt, d.u1, in_len[b],
+                        lab_len[b]);
   });
 }
 
@@ -139,9 +136,8 @@ void backward_all(ffi::ThreadPool& pool, const LatticeDims& d, ffi::AnyBuffer bl
   T* fb = flow_blank->typed_data<T>();
   T* fe = flow_emit->typed_data<T>();
   parallel_for(pool, d.batch, [&](int64_t b) {
-    std::vector<T> scratch(2 * d.u1);
     backward_one(bl + b * slab, em + b * slab, al + b * slab, co[b], fb + b * slab,
-                          fe + b * slab, d.nt, d.u1, in_len[b], lab_len[b], scratch.data());
+                 fe + b * slab, d.nt, d.u1, in_len[b], lab_len[b]);
   });
 }
 
