@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "xla/ffi/api/ffi.h"
@@ -56,6 +57,62 @@ inline ffi::Error expect_shape(const char* name, ffi::AnyBuffer::Dimensions dims
 inline ffi::Error unsupported_dtype(const char* op) {
   return ffi::Error::InvalidArgument(std::string("jax_transducer: ") + op +
                                      " supports float32 and float64 lattice arrays only");
+}
+
+inline bool same_dtype(std::initializer_list<const ffi::AnyBuffer*> bufs) {
+  for (auto* b : bufs)
+    if (b->element_type() != (*bufs.begin())->element_type()) return false;
+  return true;
+}
+
+using Dims = ffi::AnyBuffer::Dimensions;
+
+inline ffi::Error first_failure(std::initializer_list<ffi::Error> errors) {
+  for (const auto& e : errors)
+    if (e.failure()) return e;
+  return ffi::Error::Success();
+}
+
+// The buffer checks of each target, for every platform's binding. On success, *d holds the dims.
+inline ffi::Error check_forward(const ffi::AnyBuffer& blank, const ffi::AnyBuffer& emit,
+                                Dims in_len, Dims lab_len, LatticeDims* d) {
+  if (auto e = lattice_dims(blank, d); e.failure()) return e;
+  if (auto e = first_failure({expect_shape("emit", emit.dimensions(), *d, d->nt, d->u1),
+                              expect_shape("input_lengths", in_len, *d, 1),
+                              expect_shape("label_lengths", lab_len, *d, 1)});
+      e.failure())
+    return e;
+  return same_dtype({&blank, &emit}) ? ffi::Error::Success() : unsupported_dtype("forward");
+}
+
+inline ffi::Error check_backward(const ffi::AnyBuffer& blank, const ffi::AnyBuffer& emit,
+                                 const ffi::AnyBuffer& alpha, const ffi::AnyBuffer& costs,
+                                 Dims in_len, Dims lab_len, LatticeDims* d) {
+  if (auto e = lattice_dims(blank, d); e.failure()) return e;
+  if (auto e = first_failure({expect_shape("emit", emit.dimensions(), *d, d->nt, d->u1),
+                              expect_shape("alpha", alpha.dimensions(), *d, d->nt, d->u1),
+                              expect_shape("costs", costs.dimensions(), *d, 1),
+                              expect_shape("input_lengths", in_len, *d, 1),
+                              expect_shape("label_lengths", lab_len, *d, 1)});
+      e.failure())
+    return e;
+  return same_dtype({&blank, &emit, &alpha, &costs}) ? ffi::Error::Success()
+                                                     : unsupported_dtype("backward");
+}
+
+inline ffi::Error check_viterbi(const ffi::AnyBuffer& blank, const ffi::AnyBuffer& best,
+                                Dims best_label, Dims in_len, Dims lab_len, Dims path,
+                                Dims decision, LatticeDims* d) {
+  if (auto e = lattice_dims(blank, d); e.failure()) return e;
+  if (auto e = first_failure({expect_shape("best", best.dimensions(), *d, d->nt, d->u1),
+                              expect_shape("best_label", best_label, *d, d->nt, d->u1),
+                              expect_shape("input_lengths", in_len, *d, 1),
+                              expect_shape("label_lengths", lab_len, *d, 1),
+                              expect_shape("path", path, *d, d->u1),
+                              expect_shape("decision", decision, *d, d->nt, d->u1)});
+      e.failure())
+    return e;
+  return same_dtype({&blank, &best}) ? ffi::Error::Success() : unsupported_dtype("viterbi");
 }
 
 }  // namespace jax_transducer

@@ -78,12 +78,6 @@ JT_CPU_CLONES void backward_one(const float* blank, const float* emit, const flo
   cpu::backward_example(blank, emit, alpha, cost, flow_blank, flow_emit, nt, u1, t_len, u_len);
 }
 
-bool same_float_dtype(std::initializer_list<const ffi::AnyBuffer*> bufs) {
-  for (auto* b : bufs)
-    if (b->element_type() != (*bufs.begin())->element_type()) return false;
-  return true;
-}
-
 template <typename T>
 void forward_all(ffi::ThreadPool& pool, const LatticeDims& d, ffi::AnyBuffer blank,
                  ffi::AnyBuffer emit, const int32_t* in_len, const int32_t* lab_len,
@@ -103,12 +97,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer blank, ffi::AnyBuffer em
                    ffi::Buffer<ffi::S32> in_len, ffi::Buffer<ffi::S32> lab_len,
                    ffi::Result<ffi::AnyBuffer> costs, ffi::Result<ffi::AnyBuffer> alpha) {
   LatticeDims d;
-  if (auto e = lattice_dims(blank, &d); e.failure()) return e;
-  for (auto e : {expect_shape("emit", emit.dimensions(), d, d.nt, d.u1),
-                 expect_shape("input_lengths", in_len.dimensions(), d, 1),
-                 expect_shape("label_lengths", lab_len.dimensions(), d, 1)})
-    if (e.failure()) return e;
-  if (!same_float_dtype({&blank, &emit})) return unsupported_dtype("forward");
+  if (auto e = check_forward(blank, emit, in_len.dimensions(), lab_len.dimensions(), &d);
+      e.failure())
+    return e;
   switch (blank.element_type()) {
     case ffi::F32:
       forward_all<float>(pool, d, blank, emit, in_len.typed_data(), lab_len.typed_data(), costs,
@@ -146,14 +137,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer blank, ffi::AnyBuffer e
                     ffi::Buffer<ffi::S32> lab_len, ffi::Result<ffi::AnyBuffer> flow_blank,
                     ffi::Result<ffi::AnyBuffer> flow_emit) {
   LatticeDims d;
-  if (auto e = lattice_dims(blank, &d); e.failure()) return e;
-  for (auto e : {expect_shape("emit", emit.dimensions(), d, d.nt, d.u1),
-                 expect_shape("alpha", alpha.dimensions(), d, d.nt, d.u1),
-                 expect_shape("costs", costs.dimensions(), d, 1),
-                 expect_shape("input_lengths", in_len.dimensions(), d, 1),
-                 expect_shape("label_lengths", lab_len.dimensions(), d, 1)})
-    if (e.failure()) return e;
-  if (!same_float_dtype({&blank, &emit, &alpha, &costs})) return unsupported_dtype("backward");
+  if (auto e = check_backward(blank, emit, alpha, costs, in_len.dimensions(),
+                              lab_len.dimensions(), &d);
+      e.failure())
+    return e;
   switch (blank.element_type()) {
     case ffi::F32:
       backward_all<float>(pool, d, blank, emit, alpha, costs, in_len.typed_data(),
@@ -189,15 +176,10 @@ ffi::Error Viterbi(ffi::ThreadPool pool, ffi::AnyBuffer blank, ffi::AnyBuffer be
                    ffi::Result<ffi::Buffer<ffi::S32>> path,
                    ffi::Result<ffi::Buffer<ffi::U8>> decision) {
   LatticeDims d;
-  if (auto e = lattice_dims(blank, &d); e.failure()) return e;
-  for (auto e : {expect_shape("best", best.dimensions(), d, d.nt, d.u1),
-                 expect_shape("best_label", best_label.dimensions(), d, d.nt, d.u1),
-                 expect_shape("input_lengths", in_len.dimensions(), d, 1),
-                 expect_shape("label_lengths", lab_len.dimensions(), d, 1),
-                 expect_shape("path", path->dimensions(), d, d.u1),
-                 expect_shape("decision", decision->dimensions(), d, d.nt, d.u1)})
-    if (e.failure()) return e;
-  if (!same_float_dtype({&blank, &best})) return unsupported_dtype("viterbi");
+  if (auto e = check_viterbi(blank, best, best_label.dimensions(), in_len.dimensions(),
+                             lab_len.dimensions(), path->dimensions(), decision->dimensions(), &d);
+      e.failure())
+    return e;
   switch (blank.element_type()) {
     case ffi::F32:
       viterbi_all<float>(pool, d, blank, best, best_label.typed_data(), in_len.typed_data(),
@@ -264,7 +246,7 @@ ffi::Error BestLabels(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyBu
     if (err.failure()) return err;
   if (blank < 0 || blank >= nv)
     return ffi::Error::InvalidArgument("jax_transducer: blank outside [0, V)");
-  if (!same_float_dtype({&emissions, &predictions})) return unsupported_dtype("best_labels");
+  if (!same_dtype({&emissions, &predictions})) return unsupported_dtype("best_labels");
   switch (emissions.element_type()) {
     case ffi::F32:
       best_labels_all<float>(pool, d.batch, d.nt, d.u1, nv, emissions, predictions, blank, best,

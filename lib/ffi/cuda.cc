@@ -15,12 +15,6 @@
 namespace jax_transducer {
 namespace {
 
-bool same_float_dtype(std::initializer_list<const ffi::AnyBuffer*> bufs) {
-  for (auto* b : bufs)
-    if (b->element_type() != (*bufs.begin())->element_type()) return false;
-  return true;
-}
-
 ffi::Error cuda_status(cudaError_t e, const char* op) {
   if (e == cudaSuccess) return ffi::Error::Success();
   return ffi::Error::Internal(std::string("jax_transducer: CUDA ") + op +
@@ -42,12 +36,9 @@ ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer blank, ffi::AnyBuffer emi
                    ffi::Buffer<ffi::S32> in_len, ffi::Buffer<ffi::S32> lab_len,
                    ffi::Result<ffi::AnyBuffer> costs, ffi::Result<ffi::AnyBuffer> alpha) {
   LatticeDims d;
-  if (auto e = lattice_dims(blank, &d); e.failure()) return e;
-  for (auto e : {expect_shape("emit", emit.dimensions(), d, d.nt, d.u1),
-                 expect_shape("input_lengths", in_len.dimensions(), d, 1),
-                 expect_shape("label_lengths", lab_len.dimensions(), d, 1)})
-    if (e.failure()) return e;
-  if (!same_float_dtype({&blank, &emit})) return unsupported_dtype("forward");
+  if (auto e = check_forward(blank, emit, in_len.dimensions(), lab_len.dimensions(), &d);
+      e.failure())
+    return e;
   switch (blank.element_type()) {
     case ffi::F32:
       return forward_all<float>(stream, d, blank, emit, in_len.typed_data(),
@@ -79,14 +70,10 @@ ffi::Error Backward(cudaStream_t stream, ffi::AnyBuffer blank, ffi::AnyBuffer em
                     ffi::Buffer<ffi::S32> lab_len, ffi::Result<ffi::AnyBuffer> flow_blank,
                     ffi::Result<ffi::AnyBuffer> flow_emit) {
   LatticeDims d;
-  if (auto e = lattice_dims(blank, &d); e.failure()) return e;
-  for (auto e : {expect_shape("emit", emit.dimensions(), d, d.nt, d.u1),
-                 expect_shape("alpha", alpha.dimensions(), d, d.nt, d.u1),
-                 expect_shape("costs", costs.dimensions(), d, 1),
-                 expect_shape("input_lengths", in_len.dimensions(), d, 1),
-                 expect_shape("label_lengths", lab_len.dimensions(), d, 1)})
-    if (e.failure()) return e;
-  if (!same_float_dtype({&blank, &emit, &alpha, &costs})) return unsupported_dtype("backward");
+  if (auto e = check_backward(blank, emit, alpha, costs, in_len.dimensions(),
+                              lab_len.dimensions(), &d);
+      e.failure())
+    return e;
   switch (blank.element_type()) {
     case ffi::F32:
       return backward_all<float>(stream, d, blank, emit, alpha, costs, in_len.typed_data(),
@@ -126,15 +113,10 @@ ffi::Error Viterbi(cudaStream_t stream, ffi::AnyBuffer blank, ffi::AnyBuffer bes
                    ffi::Result<ffi::Buffer<ffi::S32>> path,
                    ffi::Result<ffi::Buffer<ffi::U8>> decision) {
   LatticeDims d;
-  if (auto e = lattice_dims(blank, &d); e.failure()) return e;
-  for (auto e : {expect_shape("best", best.dimensions(), d, d.nt, d.u1),
-                 expect_shape("best_label", best_label.dimensions(), d, d.nt, d.u1),
-                 expect_shape("input_lengths", in_len.dimensions(), d, 1),
-                 expect_shape("label_lengths", lab_len.dimensions(), d, 1),
-                 expect_shape("path", path->dimensions(), d, d.u1),
-                 expect_shape("decision", decision->dimensions(), d, d.nt, d.u1)})
-    if (e.failure()) return e;
-  if (!same_float_dtype({&blank, &best})) return unsupported_dtype("viterbi");
+  if (auto e = check_viterbi(blank, best, best_label.dimensions(), in_len.dimensions(),
+                             lab_len.dimensions(), path->dimensions(), decision->dimensions(), &d);
+      e.failure())
+    return e;
   switch (blank.element_type()) {
     case ffi::F32:
       return viterbi_all<float>(stream, d, blank, best, best_label.typed_data(),
