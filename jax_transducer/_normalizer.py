@@ -49,7 +49,7 @@ def _scan_frames(e, p, per_frame, step, init):
     step(carry, (e chunk (B, c, V), *per_frame chunks (B, c, ...))) -> (carry, out (B, c, ...)).
     Returns (carry, out (B, T, ...))."""
     B, T, V = e.shape
-    c = max(1, min(T, _CHUNK // (B * p.shape[1] * V)))
+    c = max(1, min(T, _CHUNK // max(1, B * p.shape[1] * V)))
     n = -(-T // c)
 
     def chunked(x):

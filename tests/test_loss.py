@@ -158,3 +158,13 @@ def test_original_transducer_issue_13(device):
                                atol=5 * 1000 * 6e-8)
     g = jax.grad(lambda e, p: jt.transducer_loss(e, p, *args[2:]).sum(), argnums=(0, 1))(*args[:2])
     assert all(np.isfinite(np.asarray(x)).all() for x in g)
+
+
+def test_empty_batch(device):
+    E, P = np.zeros((0, 4, 5)), np.zeros((0, 3, 5))
+    args = put(device, E, P, np.zeros((0, 2), np.int32), np.zeros(0, np.int32),
+               np.zeros(0, np.int32))
+    assert jt.transducer_loss(*args).shape == (0,)
+    g = jax.grad(lambda e: jt.transducer_loss(e, *args[1:]).sum())(args[0])
+    assert g.shape == E.shape
+    assert jt.viterbi(*args[:2], *args[3:]).shape == (0, 2)
