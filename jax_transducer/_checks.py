@@ -51,7 +51,13 @@ def check_scores(emissions, predictions):
         raise _shape_error("predictions", f"({B}, U+1 >= 1, {V})", predictions.shape)
     if T < 1 or V < 1:
         raise _shape_error("emissions", "(B, T >= 1, V >= 1)", emissions.shape)
-    return emissions, predictions, (B, T, predictions.shape[1] - 1, V)
+    return emissions, predictions, dims_of(emissions, predictions)
+
+
+def dims_of(emissions, predictions):
+    """(B, T, U, V) of checked scores."""
+    B, T, V = emissions.shape
+    return B, T, predictions.shape[1] - 1, V
 
 
 def compute_dtype(dtype):

@@ -1,7 +1,7 @@
 """From joiner scores to the compact lattice, and the differentiable lattice cost.
 
 The (B, T, U+1) blank and label log-probabilities are all the kernels see; their gradients (the
-move flows) flow back through gathers and the normaliser's matmuls under ordinary autodiff.
+move flows) flow back through the gathers (autodiff) and the normaliser's own VJP (its matmuls).
 """
 
 import functools
@@ -28,8 +28,8 @@ def blank_log_probs(emissions, predictions, log_norm, blank):
 def label_log_probs(emissions, predictions, log_norm, labels):
     """(B, T, U+1) log-probability of labels[b, u] at node (t, u); labels is (B, U+1)."""
     B, T, _ = emissions.shape
-    from_e = jnp.take_along_axis(emissions, jnp.broadcast_to(labels[:, None, :], (B, T, labels.shape[1])),
-                                 axis=2)
+    index = jnp.broadcast_to(labels[:, None, :], (B, T, labels.shape[1]))
+    from_e = jnp.take_along_axis(emissions, index, axis=2)
     from_p = jnp.take_along_axis(predictions, labels[:, :, None], axis=2)[..., 0]
     return from_e + from_p[:, None, :] - log_norm
 

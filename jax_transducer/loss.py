@@ -63,8 +63,7 @@ def transducer_loss(emissions, predictions, labels, input_lengths, label_lengths
 def _costs(emissions, predictions, labels, input_lengths, label_lengths, blank, reduction,
            fastemit_lambda, delay_penalty):
     # Jitted so that eager calls compile once per shape instead of dispatching op by op.
-    B, T, V = emissions.shape
-    dims = (B, T, predictions.shape[1] - 1, V)
+    dims = _checks.dims_of(emissions, predictions)
     dtype = _checks.compute_dtype(emissions.dtype)
     emissions, predictions = emissions.astype(dtype), predictions.astype(dtype)
     valid = _checks.valid_examples(input_lengths, label_lengths, dims, labels)

@@ -57,8 +57,7 @@ def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0):
 
 @functools.partial(jax.jit, static_argnums=4)
 def _viterbi(emissions, predictions, input_lengths, label_lengths, blank):
-    B, T, V = emissions.shape
-    dims = (B, T, predictions.shape[1] - 1, V)
+    dims = _checks.dims_of(emissions, predictions)
     valid = _checks.valid_examples(input_lengths, label_lengths, dims)
     dtype = _checks.compute_dtype(emissions.dtype)
     emissions, predictions = jax.lax.stop_gradient((emissions.astype(dtype), predictions.astype(dtype)))
