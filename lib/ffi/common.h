@@ -59,6 +59,19 @@ inline ffi::Error unsupported_dtype(const char* op) {
                                      " supports float32 and float64 lattice arrays only");
 }
 
+// Returns f(T{}) with T the C++ type of a float32 or float64 buffer: one dtype dispatch for all.
+template <typename F>
+ffi::Error dispatch_float(ffi::DataType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case ffi::F32:
+      return f(float{});
+    case ffi::F64:
+      return f(double{});
+    default:
+      return unsupported_dtype(op);
+  }
+}
+
 inline bool same_dtype(std::initializer_list<const ffi::AnyBuffer*> bufs) {
   for (auto* b : bufs)
     if (b->element_type() != (*bufs.begin())->element_type()) return false;

@@ -100,18 +100,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer blank, ffi::AnyBuffer em
   if (auto e = check_forward(blank, emit, in_len.dimensions(), lab_len.dimensions(), &d);
       e.failure())
     return e;
-  switch (blank.element_type()) {
-    case ffi::F32:
-      forward_all<float>(pool, d, blank, emit, in_len.typed_data(), lab_len.typed_data(), costs,
-                         alpha);
-      return ffi::Error::Success();
-    case ffi::F64:
-      forward_all<double>(pool, d, blank, emit, in_len.typed_data(), lab_len.typed_data(), costs,
-                          alpha);
-      return ffi::Error::Success();
-    default:
-      return unsupported_dtype("forward");
-  }
+  return dispatch_float(blank.element_type(), "forward", [&](auto x) {
+    forward_all<decltype(x)>(pool, d, blank, emit, in_len.typed_data(), lab_len.typed_data(), costs,
+                             alpha);
+    return ffi::Error::Success();
+  });
 }
 
 template <typename T>
@@ -141,18 +134,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer blank, ffi::AnyBuffer e
                               lab_len.dimensions(), &d);
       e.failure())
     return e;
-  switch (blank.element_type()) {
-    case ffi::F32:
-      backward_all<float>(pool, d, blank, emit, alpha, costs, in_len.typed_data(),
-                          lab_len.typed_data(), flow_blank, flow_emit);
-      return ffi::Error::Success();
-    case ffi::F64:
-      backward_all<double>(pool, d, blank, emit, alpha, costs, in_len.typed_data(),
-                           lab_len.typed_data(), flow_blank, flow_emit);
-      return ffi::Error::Success();
-    default:
-      return unsupported_dtype("backward");
-  }
+  return dispatch_float(blank.element_type(), "backward", [&](auto x) {
+    backward_all<decltype(x)>(pool, d, blank, emit, alpha, costs, in_len.typed_data(),
+                              lab_len.typed_data(), flow_blank, flow_emit);
+    return ffi::Error::Success();
+  });
 }
 
 template <typename T>
@@ -180,20 +166,12 @@ ffi::Error Viterbi(ffi::ThreadPool pool, ffi::AnyBuffer blank, ffi::AnyBuffer be
                              lab_len.dimensions(), path->dimensions(), decision->dimensions(), &d);
       e.failure())
     return e;
-  switch (blank.element_type()) {
-    case ffi::F32:
-      viterbi_all<float>(pool, d, blank, best, best_label.typed_data(), in_len.typed_data(),
-                         lab_len.typed_data(), blank_id, path->typed_data(),
-                         decision->typed_data());
-      return ffi::Error::Success();
-    case ffi::F64:
-      viterbi_all<double>(pool, d, blank, best, best_label.typed_data(), in_len.typed_data(),
-                          lab_len.typed_data(), blank_id, path->typed_data(),
-                          decision->typed_data());
-      return ffi::Error::Success();
-    default:
-      return unsupported_dtype("viterbi");
-  }
+  return dispatch_float(blank.element_type(), "viterbi", [&](auto x) {
+    viterbi_all<decltype(x)>(pool, d, blank, best, best_label.typed_data(), in_len.typed_data(),
+                             lab_len.typed_data(), blank_id, path->typed_data(),
+                             decision->typed_data());
+    return ffi::Error::Success();
+  });
 }
 
 template <typename T>
@@ -247,18 +225,11 @@ ffi::Error BestLabels(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyBu
   if (blank < 0 || blank >= nv)
     return ffi::Error::InvalidArgument("jax_transducer: blank outside [0, V)");
   if (!same_dtype({&emissions, &predictions})) return unsupported_dtype("best_labels");
-  switch (emissions.element_type()) {
-    case ffi::F32:
-      best_labels_all<float>(pool, d.batch, d.nt, d.u1, nv, emissions, predictions, blank, best,
-                             label->typed_data());
-      return ffi::Error::Success();
-    case ffi::F64:
-      best_labels_all<double>(pool, d.batch, d.nt, d.u1, nv, emissions, predictions, blank, best,
-                              label->typed_data());
-      return ffi::Error::Success();
-    default:
-      return unsupported_dtype("best_labels");
-  }
+  return dispatch_float(emissions.element_type(), "best_labels", [&](auto x) {
+    best_labels_all<decltype(x)>(pool, d.batch, d.nt, d.u1, nv, emissions, predictions, blank, best,
+                                 label->typed_data());
+    return ffi::Error::Success();
+  });
 }
 
 }  // namespace
@@ -323,10 +294,12 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("registrations", []() {
     namespace py = pybind11;
     py::dict d;
-    d["jax_transducer_forward"] = py::capsule(reinterpret_cast<void*>(jax_transducer::JtForwardCpu));
+    d["jax_transducer_forward"] =
+        py::capsule(reinterpret_cast<void*>(jax_transducer::JtForwardCpu));
     d["jax_transducer_backward"] =
         py::capsule(reinterpret_cast<void*>(jax_transducer::JtBackwardCpu));
-    d["jax_transducer_viterbi"] = py::capsule(reinterpret_cast<void*>(jax_transducer::JtViterbiCpu));
+    d["jax_transducer_viterbi"] =
+        py::capsule(reinterpret_cast<void*>(jax_transducer::JtViterbiCpu));
     d["jax_transducer_best_labels"] =
         py::capsule(reinterpret_cast<void*>(jax_transducer::JtBestLabelsCpu));
     return d;

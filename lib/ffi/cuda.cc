@@ -39,16 +39,10 @@ ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer blank, ffi::AnyBuffer emi
   if (auto e = check_forward(blank, emit, in_len.dimensions(), lab_len.dimensions(), &d);
       e.failure())
     return e;
-  switch (blank.element_type()) {
-    case ffi::F32:
-      return forward_all<float>(stream, d, blank, emit, in_len.typed_data(),
-                                lab_len.typed_data(), costs, alpha);
-    case ffi::F64:
-      return forward_all<double>(stream, d, blank, emit, in_len.typed_data(),
-                                 lab_len.typed_data(), costs, alpha);
-    default:
-      return unsupported_dtype("forward");
-  }
+  return dispatch_float(blank.element_type(), "forward", [&](auto x) {
+    return forward_all<decltype(x)>(stream, d, blank, emit, in_len.typed_data(),
+                                    lab_len.typed_data(), costs, alpha);
+  });
 }
 
 template <typename T>
@@ -74,16 +68,10 @@ ffi::Error Backward(cudaStream_t stream, ffi::AnyBuffer blank, ffi::AnyBuffer em
                               lab_len.dimensions(), &d);
       e.failure())
     return e;
-  switch (blank.element_type()) {
-    case ffi::F32:
-      return backward_all<float>(stream, d, blank, emit, alpha, costs, in_len.typed_data(),
-                                 lab_len.typed_data(), flow_blank, flow_emit);
-    case ffi::F64:
-      return backward_all<double>(stream, d, blank, emit, alpha, costs, in_len.typed_data(),
-                                  lab_len.typed_data(), flow_blank, flow_emit);
-    default:
-      return unsupported_dtype("backward");
-  }
+  return dispatch_float(blank.element_type(), "backward", [&](auto x) {
+    return backward_all<decltype(x)>(stream, d, blank, emit, alpha, costs, in_len.typed_data(),
+                                     lab_len.typed_data(), flow_blank, flow_emit);
+  });
 }
 
 template <typename T>
@@ -117,18 +105,11 @@ ffi::Error Viterbi(cudaStream_t stream, ffi::AnyBuffer blank, ffi::AnyBuffer bes
                              lab_len.dimensions(), path->dimensions(), decision->dimensions(), &d);
       e.failure())
     return e;
-  switch (blank.element_type()) {
-    case ffi::F32:
-      return viterbi_all<float>(stream, d, blank, best, best_label.typed_data(),
-                                in_len.typed_data(), lab_len.typed_data(), blank_id,
-                                path->typed_data(), decision->typed_data());
-    case ffi::F64:
-      return viterbi_all<double>(stream, d, blank, best, best_label.typed_data(),
-                                 in_len.typed_data(), lab_len.typed_data(), blank_id,
-                                 path->typed_data(), decision->typed_data());
-    default:
-      return unsupported_dtype("viterbi");
-  }
+  return dispatch_float(blank.element_type(), "viterbi", [&](auto x) {
+    return viterbi_all<decltype(x)>(stream, d, blank, best, best_label.typed_data(),
+                                    in_len.typed_data(), lab_len.typed_data(), blank_id,
+                                    path->typed_data(), decision->typed_data());
+  });
 }
 
 }  // namespace
