@@ -102,16 +102,17 @@ void backward_example(const T* blank, const T* emit, const T* alpha, T cost, T* 
 
 // Best path with labels forced to the per-cell best: writes decisions (1 = arrived by blank) and
 // the emitted labels into path[0..u1) (blank_id past u_len, and everywhere for an invalid
-// example). Row by row: the recursion is only adds and compares. scratch: 2 * u1 values.
+// example). Row by row: the recursion is only adds and compares.
 template <typename T>
 void viterbi_example(const T* blank, const T* best, const int32_t* best_label, uint8_t* decision,
                      int32_t* path, int64_t nt, int64_t u1, int32_t t_len, int32_t u_len,
-                     int32_t blank_id, T* scratch) {
+                     int32_t blank_id) {
   std::fill(path, path + u1, blank_id);
   std::memset(decision, 0, static_cast<size_t>(nt * u1));
   if (!lengths_valid(t_len, u_len, nt, u1)) return;
-  T* prev = scratch;
-  T* cur = scratch + u1;
+  std::vector<T> rows(2 * u1);
+  T* prev = rows.data();
+  T* cur = prev + u1;
   for (int64_t t = 0; t < t_len; ++t) {
     const int64_t row = t * u1;
     for (int64_t u = 0; u <= u_len; ++u) {

@@ -149,10 +149,9 @@ void viterbi_all(ffi::ThreadPool& pool, const LatticeDims& d, ffi::AnyBuffer bla
   const T* bl = blank.typed_data<T>();
   const T* be = best.typed_data<T>();
   parallel_for(pool, d.batch, [&](int64_t b) {
-    std::vector<T> scratch(2 * d.u1);
     cpu::viterbi_example(bl + b * slab, be + b * slab, best_label + b * slab,
                          decision + b * slab, path + b * d.u1, d.nt, d.u1, in_len[b], lab_len[b],
-                         blank_id, scratch.data());
+                         blank_id);
   });
 }
 
