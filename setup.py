@@ -26,7 +26,7 @@ from setuptools import setup
 FFI_INCLUDE = os.path.join(os.path.dirname(jaxlib.__file__), "include")
 # -fno-trapping-math lets the lattice loops vectorise (selects become blends); no code relies on
 # floating-point traps.
-CXX_FLAGS = ["-O3", "-fvisibility=hidden", "-fno-trapping-math"]
+CXX_FLAGS = ["-O3", "-fvisibility=hidden", "-fno-trapping-math", "-Wno-psabi"]
 SANITIZE = os.environ.get("JAX_TRANSDUCER_SANITIZE", "0").strip().lower() in ("1", "on", "true", "yes")
 SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                    "-fno-omit-frame-pointer", "-g"]

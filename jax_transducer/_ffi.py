@@ -25,13 +25,14 @@ except ImportError:
 FORWARD = "jax_transducer_forward"
 BACKWARD = "jax_transducer_backward"
 VITERBI = "jax_transducer_viterbi"
-BEST_LABELS = "jax_transducer_best_labels"  # CPU only: on GPUs an XLA reduction does this well
+NORM_FORWARD = "jax_transducer_norm_forward"  # CPU only (float32): on GPUs XLA dots and fusions
+NORM_BACKWARD = "jax_transducer_norm_backward"
 
 for _module, _platform in ((_cpu, "cpu"), (_cuda, "CUDA")):
     if _module is not None:
         for _name, _capsule in _module.registrations().items():
             jax.ffi.register_ffi_target(_name, _capsule, platform=_platform)
-for _name in (FORWARD, BACKWARD, VITERBI, BEST_LABELS):
+for _name in (FORWARD, BACKWARD, VITERBI, NORM_FORWARD, NORM_BACKWARD):
     jax.ffi.register_ffi_target_as_batch_partitionable(_name)
 
 
@@ -39,7 +40,11 @@ def has_cuda():
     return _cuda is not None
 
 
-def _varying_axes(x):
+def has_cpu_normalizer():
+    return NORM_FORWARD in _cpu.registrations()
+
+
+def varying_axes(x):
     """The shard_map axes along which x varies (empty outside shard_map or with check_vma off)."""
     aval = jax.typeof(x)
     axes = getattr(aval, "vma", None)  # the attribute's name differs across jax versions
@@ -48,8 +53,8 @@ def _varying_axes(x):
     return frozenset(axes or ())
 
 
-def _to_varying(x, axes):
-    missing = tuple(sorted(axes - _varying_axes(x)))
+def to_varying(x, axes):
+    missing = tuple(sorted(axes - varying_axes(x)))
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
@@ -76,12 +81,12 @@ def _kernel(name, result_shapes, **attrs):
 
     def call(*args):
         results = result_shapes(*args)
-        axes = frozenset().union(*map(_varying_axes, args))
-        args = [_to_varying(a, axes) for a in args]
+        axes = frozenset().union(*map(varying_axes, args))
+        args = [to_varying(a, axes) for a in args]
         metadata = {"num_batch_dims": "1", "xla.sdy.sharding_rule": _sharding_rule(args, results)}
         with set_xla_metadata(**metadata):
             out = jax.ffi.ffi_call(name, results, vmap_method="broadcast_all")(*args, **attrs)
-        return tuple(_to_varying(r, axes) for r in out)
+        return tuple(to_varying(r, axes) for r in out)
 
     call = jax.custom_batching.custom_vmap(call)
 
@@ -118,16 +123,34 @@ def _viterbi_results(bl, best, best_label, il, ll):
     return (_like(bl, jnp.int32, bl.shape[:1] + bl.shape[2:]), _like(bl, jnp.uint8))
 
 
-def viterbi_path(blank_lp, best_lp, best_label, input_lengths, label_lengths, blank):
-    """Labels emitted along the best path, (B, U+1) int32 (the last column is always blank)."""
-    call = _kernel(VITERBI, _viterbi_results, blank=np.int32(blank))
+def viterbi_path(blank_lp, best_lp, best_label, input_lengths, label_lengths, fill):
+    """best_label[b, t, u] at each label move (t, u) of the best path, per label position u:
+    (B, U+1) int32, `fill` past label_length (so the last column always) and for an invalid
+    example."""
+    call = _kernel(VITERBI, _viterbi_results, blank=np.int32(fill))
     return call(blank_lp, best_lp, best_label, input_lengths, label_lengths)[0]
 
 
-def best_labels(emissions, predictions, blank):
-    """Max and argmax over v != blank of emissions[b,t,v] + predictions[b,u,v]: (B, T, U+1) each.
-    CPU only."""
-    def results(e, p):
-        cells = e.shape[:2] + p.shape[1:2]
-        return (_like(e, shape=cells), _like(e, jnp.int32, cells))
-    return _kernel(BEST_LABELS, results, blank=np.int32(blank))(emissions, predictions)
+def norm_forward(emissions, predictions, e_rows, p_rows, blank, with_best):
+    """CPU, float32. S = exp(E - mE) @ exp(P - mP)^T (B, T, U+1), mE (B, T), mP (B, U+1), and with
+    with_best the largest product over v != blank (B, T, U+1; else a (B, 1, 1) placeholder). Only
+    the first e_rows[b, 0] rows of E and p_rows[b, 0] rows of P are read; the others count as
+    absent (S, products and maxima 0)."""
+    def results(e, p, er, pr):
+        B, T, _ = e.shape
+        U1 = p.shape[1]
+        cells = _like(e, shape=(B, T, U1))
+        return (cells, _like(e, shape=(B, T)), _like(e, shape=(B, U1)),
+                cells if with_best else _like(e, shape=(B, 1, 1)))
+    call = _kernel(NORM_FORWARD, results, blank=np.int32(blank), with_best=bool(with_best))
+    return call(emissions, predictions, e_rows, p_rows)
+
+
+def norm_backward(emissions, predictions, e_rows, p_rows, max_e, w, g_blank, g_emit, labels,
+                  blank):
+    """CPU, float32. dE (B, T, V) and dP (B, U+1, V) of the move log-probabilities for their
+    cotangents g_blank, g_emit (B, T, U+1), with W = -(g_blank + g_emit) / S; labels (B, U+1)."""
+    def results(e, p, *_):
+        return (_like(e), _like(p))
+    call = _kernel(NORM_BACKWARD, results, blank=np.int32(blank))
+    return call(emissions, predictions, e_rows, p_rows, max_e, w, g_blank, g_emit, labels)

@@ -1,7 +1,7 @@
 """From joiner scores to the compact lattice, and the differentiable lattice cost.
 
 The (B, T, U+1) blank and label log-probabilities are all the kernels see; their gradients (the
-move flows) flow back through the gathers (autodiff) and the normaliser's own VJP (its matmuls).
+move flows) flow back through the normaliser's own VJP (its matmuls, `_normalizer.py`).
 """
 
 import functools
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _ffi
-from ._normalizer import log_normalizer
+from ._normalizer import log_norm_and_moves, move_log_probs
 
 
 def used_rows(input_lengths, label_lengths, valid, T, U1):
@@ -18,20 +18,6 @@ def used_rows(input_lengths, label_lengths, valid, T, U1):
     t_used = valid[:, None] & (jnp.arange(T) < input_lengths[:, None])
     u_used = valid[:, None] & (jnp.arange(U1) <= label_lengths[:, None])
     return t_used, u_used
-
-
-def blank_log_probs(emissions, predictions, log_norm, blank):
-    """(B, T, U+1) log-probability of the blank at every lattice node."""
-    return emissions[:, :, blank, None] + predictions[:, None, :, blank] - log_norm
-
-
-def label_log_probs(emissions, predictions, log_norm, labels):
-    """(B, T, U+1) log-probability of labels[b, u] at node (t, u); labels is (B, U+1)."""
-    B, T, _ = emissions.shape
-    index = jnp.broadcast_to(labels[:, None, :], (B, T, labels.shape[1]))
-    from_e = jnp.take_along_axis(emissions, index, axis=2)
-    from_p = jnp.take_along_axis(predictions, labels[:, :, None], axis=2)[..., 0]
-    return from_e + from_p[:, None, :] - log_norm
 
 
 def delay_penalized(emit_lp, input_lengths, delay_penalty):
@@ -74,13 +60,25 @@ def _lattice_costs_bwd(fastemit_lambda, residuals, g):
 lattice_costs.defvjp(_lattice_costs_fwd, _lattice_costs_bwd)
 
 
-def prepare(emissions, predictions, input_lengths, label_lengths, valid, blank):
-    """The log-normaliser and the blank log-probabilities: what loss and viterbi share.
+def lattice_labels(labels, label_lengths, valid, blank):
+    """(B, U+1) labels safe to gather: positions past label_length, invalid examples and the
+    extra column for u = U read the blank (in range, never used by a lattice)."""
+    used = valid[:, None] & (jnp.arange(labels.shape[1]) < label_lengths[:, None])
+    return jnp.pad(jnp.where(used, labels, blank), ((0, 0), (0, 1)), constant_values=blank)
+
+
+def prepare(emissions, predictions, labels, input_lengths, label_lengths, valid, blank,
+            differentiable=True, with_best=False):
+    """(blank_lp, emit_lp), the (B, T, U+1) move log-probabilities, or, with
+    differentiable=False, (log_norm, blank_lp, emit_lp) and, with with_best, the best non-blank
+    label's score max_{v != blank} (E[b,t,v] + P[b,u,v]); emit_lp is None if labels is None.
 
     Padding (and every row of an invalid example) may hold anything, NaN included: the normaliser
-    zeroes those rows, the kernels never read those cells, and the gathers' gradients there are
-    zero flows scattered back.
+    reads those rows as zeros, the kernels never read those cells, and they get zero gradient.
     """
     rows = used_rows(input_lengths, label_lengths, valid, emissions.shape[1], predictions.shape[1])
-    log_norm = log_normalizer(emissions, predictions, *rows)
-    return log_norm, blank_log_probs(emissions, predictions, log_norm, blank)
+    if labels is not None:
+        labels = lattice_labels(labels, label_lengths, valid, blank)
+    if differentiable:
+        return move_log_probs(emissions, predictions, labels, *rows, blank)
+    return log_norm_and_moves(emissions, predictions, labels, *rows, blank, with_best)

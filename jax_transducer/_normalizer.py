@@ -1,121 +1,261 @@
-"""Log-normalisers of the additive joiner, and their gradient, without a (B, T, U+1, V) tensor.
+"""Move log-probabilities of the additive joiner, and their gradient, without a (B, T, U+1, V)
+tensor.
 
-log_norm[b, t, u] = log sum_v exp(E[b, t, v] + P[b, u, v])
-                  = mE[b, t] + mP[b, u] + log S[b, t, u],  S = exp(E - mE) @ exp(P - mP)^T
+The blank and label moves out of lattice node (t, u) have log-probabilities
 
-with mE, mP the row maxima: the sum over V is one batched matmul (an XLA dot). For a cotangent g
-of log_norm, with W = g / S, the gradients are the softmax parts
+    blank_lp[b, t, u] = E[b, t, blank]     + P[b, u, blank]     - log_norm[b, t, u]
+    emit_lp[b, t, u]  = E[b, t, labels[u]] + P[b, u, labels[u]] - log_norm[b, t, u]
+    log_norm[b, t, u] = log sum_v exp(E[b, t, v] + P[b, u, v])
+                      = mE[b, t] + mP[b, u] + log S[b, t, u],  S = exp(E - mE) @ exp(P - mP)^T
 
-    dE = exp(E - mE) * (W @ exp(P - mP)),    dP = exp(P - mP) * (W^T @ exp(E - mE)),
+with mE, mP the row maxima: the sum over V is one batched matmul (an XLA dot). For cotangents
+g_blank, g_emit of the moves, with W = -(g_blank + g_emit) / S, the gradients are
 
-two more matmuls of the saved exponentials (the shifts cancel).
+    dE = exp(E - mE) * (W @ exp(P - mP))   + g_blank summed over u at v = blank
+                                           + g_emit scattered to v = labels[u],
+    dP = exp(P - mP) * (W^T @ exp(E - mE)) + the same sums over t,
+
+two more matmuls of the saved exponentials (the shifts cancel). One custom VJP covers the
+normaliser and the gathers so that the whole (B, T, V) gradient is one fused elementwise pass and
+an in-place scatter: autodiff of the gathers would add two more passes over (B, T, V).
 
 Exactness: where the two rows peak on different labels far apart (emissions [0, -1000] against
 predictions [-1000, 0]), every product of shifted exponentials underflows and S loses its digits
 or becomes 0. Such cells (S below sqrt(tiny) * V) are recomputed exactly, as a logsumexp over V of
 the cell's own logits, and their share of both gradients likewise. That pass scans the frames in
 chunks of about 2^20 logits (at least one frame of the whole batch, B*(U+1)*V), so its memory
-stays bounded, and it runs only when some cell needs it (lax.cond; under vmap both branches run). Rows that are not used (padding, invalid examples) never reach a result,
-whatever they hold, and get exactly zero gradient.
+stays bounded, and it runs only when some cell needs it (lax.cond; under vmap both branches run).
+
+Rows that are not used (padding, invalid examples) are read as zeros, so whatever they hold
+(NaN included) never reaches a result, and they get exactly zero gradient.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
+from . import _ffi
+
 PRECISION = jax.lax.Precision.HIGHEST
-
-
-@jax.custom_vjp
-def log_normalizer(emissions, predictions, e_used, p_used):
-    """(B, T, V), (B, U+1, V) scores and (B, T), (B, U+1) bool row masks -> (B, T, U+1) in the
-    scores' dtype, exact also where the shifted exponentials underflow."""
-    return _forward(emissions, predictions, e_used, p_used)[0]
 
 
 def _masked(x, used):
     return jnp.where(used[..., None], x, 0)
 
 
-def _exponentials(x):
-    shift = jnp.max(x, axis=-1, keepdims=True)
-    return jnp.exp(x - shift), shift
+def _exponentials(x, used):
+    """exp(x - row max) on used rows, 0 on the others; the row maxima (0 on unused rows).
+
+    The max reads the raw rows (a select feeding a reduction would be materialised by XLA's CPU
+    backend): an unused row's NaN goes only into its own, discarded, maximum."""
+    shift = jnp.where(used, jnp.max(x, axis=-1), 0)
+    return jnp.where(used[..., None], jnp.exp(x - shift[..., None]), 0), shift
 
 
-_CHUNK = 1 << 20  # logits per step of the exact pass (at least one frame of the whole batch)
+def _gathers(emissions, predictions, labels, e_used, p_used, blank):
+    """E + P at the blank and at labels[u] (None if labels is None), (B, T, U+1) each."""
+    B, T, _ = emissions.shape
+    e_blank = jnp.where(e_used, emissions[:, :, blank], 0)[:, :, None]
+    p_blank = jnp.where(p_used, predictions[:, :, blank], 0)[:, None, :]
+    if labels is None:
+        return e_blank + p_blank, None
+    index = jnp.broadcast_to(labels[:, None, :], (B, T, labels.shape[1]))
+    e_label = jnp.where(e_used[..., None], jnp.take_along_axis(emissions, index, axis=2), 0)
+    p_label = jnp.take_along_axis(predictions, labels[:, :, None], axis=2)[..., 0]
+    p_label = jnp.where(p_used, p_label, 0)[:, None, :]
+    return e_blank + p_blank, e_label + p_label
 
 
-def _scan_frames(e, p, per_frame, step, init):
-    """Scans the frames in chunks of c, all examples at once (so the batch stays partitionable):
-    step(carry, (e chunk (B, c, V), *per_frame chunks (B, c, ...))) -> (carry, out (B, c, ...)).
-    Returns (carry, out (B, T, ...))."""
-    B, T, V = e.shape
-    c = max(1, min(T, _CHUNK // max(1, B * p.shape[1] * V)))
-    n = -(-T // c)
+# Two implementations of the sums and of the gradient assembly, with the same inputs and results:
+# XLA dots and fusions (GPU, float64, and CPU installs without the fused kernels), and the CPU's
+# fused float32 kernels (lib/cpu/normalizer_cpu.h), which never store the exponentials.
 
-    def chunked(x):
-        x = jnp.pad(x, [(0, 0), (0, n * c - T)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape((B, n, c) + x.shape[2:]), 1, 0)
-
-    carry, out = jax.lax.scan(step, init, (chunked(e), *map(chunked, per_frame)))
-    out = jnp.moveaxis(out, 0, 1)
-    return carry, out.reshape((B, n * c) + out.shape[3:])[:, :T]
-
-
-def _exact_log_norm(e, p):
-    def step(carry, xs):
-        logits = xs[0][:, :, None, :] + p[:, None, :, :]  # (B, c, U+1, V)
-        peak = jnp.max(logits, axis=-1)
-        return carry, peak + jnp.log(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1))
-    return _scan_frames(e, p, (), step, None)[1]
-
-
-def _exact_grads(e, p, weight, log_norm):
-    """sum_u and sum_t of weight[b,t,u] * softmax[b,t,u,:], for the cells where weight != 0."""
-    def step(d_p, xs):
-        rows, w, ln = xs
-        w = w[..., None]
-        share = jnp.where(w != 0, w * jnp.exp(rows[:, :, None, :] + p[:, None, :, :]
-                                              - ln[..., None]), 0)  # (B, c, U+1, V)
-        return d_p + share.sum(axis=1), share.sum(axis=2)
-    d_p, d_e = _scan_frames(e, p, (weight, log_norm), step, jnp.zeros_like(p))
-    return d_e, d_p
-
-
-def _forward(emissions, predictions, e_used, p_used):
-    e, p = _masked_pair(emissions, predictions, e_used, p_used)
-    exp_e, max_e = _exponentials(e)
-    exp_p, max_p = _exponentials(p)
+def _sums_xla(emissions, predictions, e_used, p_used, *, blank, with_best):
+    exp_e, max_e = _exponentials(emissions, e_used)
+    exp_p, max_p = _exponentials(predictions, p_used)
     sums = jnp.einsum("btv,buv->btu", exp_e, exp_p, precision=PRECISION)
-    log_norm = jnp.log(sums) + max_e + jnp.swapaxes(max_p, -1, -2)
+    best = _best_scores(*_masked_pair(emissions, predictions, e_used, p_used),
+                        blank) if with_best else None
+    return sums, max_e, max_p, best
+
+
+def _best_scores(e, p, blank):
+    # XLA fuses the broadcast add into the reduction: the (B, T, U+1, V) scores are never stored.
+    scores = e[:, :, None, :] + p[:, None, :, :]
+    return jnp.max(jnp.where(jnp.arange(e.shape[-1]) == blank, -jnp.inf, scores), axis=-1)
+
+
+def _row_counts(e_used, p_used):
+    return (e_used.sum(1, dtype=jnp.int32)[:, None], p_used.sum(1, dtype=jnp.int32)[:, None])
+
+
+def _sums_cpu(emissions, predictions, e_used, p_used, *, blank, with_best):
+    sums, max_e, max_p, best = _ffi.norm_forward(emissions, predictions,
+                                                 *_row_counts(e_used, p_used), blank, with_best)
+    if not with_best:
+        return sums, max_e, max_p, None
+    # best holds max_v exp(E - mE) exp(P - mP); below sqrt(tiny) it may have been flushed.
+    tiny = jnp.sqrt(jnp.finfo(best.dtype).tiny)
+    scores = jnp.log(best) + max_e[:, :, None] + max_p[:, None, :]
+    flushed = e_used[:, :, None] & p_used[:, None, :] & (best < tiny)
+    exact = lambda x: jnp.where(flushed, _exact_best(
+        emissions, _masked(predictions, p_used), e_used, blank), x)
+    return sums, max_e, max_p, jax.lax.cond(jnp.any(flushed), exact, lambda x: x, scores)
+
+
+def _grads_xla(emissions, predictions, labels, e_used, p_used, max_e, max_p, w, g_blank, g_emit,
+               *, blank):
+    exp_e = jnp.where(e_used[..., None], jnp.exp(emissions - max_e[..., None]), 0)
+    exp_p = jnp.where(p_used[..., None], jnp.exp(predictions - max_p[..., None]), 0)
+    d_e = exp_e * jnp.einsum("btu,buv->btv", w, exp_p, precision=PRECISION)
+    d_p = exp_p * jnp.einsum("btu,btv->buv", w, exp_e, precision=PRECISION)
+    # The blank and label columns: the gathers' own VJP (a scatter-add that sharding propagates
+    # through; GPUs fuse the rest).
+    _, gathers_vjp = jax.vjp(lambda e, p: _gathers(e, p, labels, e_used, p_used, blank),
+                             emissions, predictions)
+    cols_e, cols_p = gathers_vjp((g_blank, g_emit))
+    return d_e + cols_e, d_p + cols_p
+
+
+def _grads_cpu(emissions, predictions, labels, e_used, p_used, max_e, max_p, w, g_blank, g_emit,
+               *, blank):
+    return _ffi.norm_backward(emissions, predictions, *_row_counts(e_used, p_used), max_e, w,
+                              g_blank, g_emit, labels, blank)
+
+
+def _on_platform(xla_fn, cpu_fn, dtype, **static):
+    """f(*arrays): the fused CPU kernel on CPU for float32 (where built), XLA everywhere else."""
+    xla_fn = functools.partial(xla_fn, **static)
+    if dtype != jnp.float32 or not _ffi.has_cpu_normalizer():
+        return xla_fn
+    cpu_fn = functools.partial(cpu_fn, **static)
+    return lambda *args: jax.lax.platform_dependent(*args, cpu=cpu_fn, default=xla_fn)
+
+
+def log_norm_and_moves(emissions, predictions, labels, e_used, p_used, blank, with_best=False):
+    """The log-normaliser and the blank and label move log-probabilities, (B, T, U+1) each, in the
+    scores' dtype (not differentiable: see `move_log_probs`); with with_best, also the best
+    non-blank label's score max_{v != blank} (E[b, t, v] + P[b, u, v]).
+
+    emissions (B, T, V), predictions (B, U+1, V); labels (B, U+1) int32 in [0, V) (column U and
+    unused positions may hold anything in range), or None for no emit_lp; e_used (B, T),
+    p_used (B, U+1) bool row masks.
+    """
+    moves, residuals = _forward(emissions, predictions, labels, e_used, p_used, blank, with_best)
+    return moves + ((residuals[-1],) if with_best else ())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def move_log_probs(emissions, predictions, labels, e_used, p_used, blank):
+    """(blank_lp, emit_lp), (B, T, U+1) each: differentiable in emissions and predictions.
+    Arguments as in `log_norm_and_moves`."""
+    return _move_log_probs_fwd(emissions, predictions, labels, e_used, p_used, blank)[0]
+
+
+def _forward(emissions, predictions, labels, e_used, p_used, blank, with_best=False):
+    sums_fn = _on_platform(_sums_xla, _sums_cpu, emissions.dtype, blank=blank,
+                           with_best=with_best)
+    sums, max_e, max_p, best = sums_fn(emissions, predictions, e_used, p_used)
+    cell_used = e_used[:, :, None] & p_used[:, None, :]
+    log_norm = jnp.where(cell_used, jnp.log(sums) + max_e[:, :, None] + max_p[:, None, :], 0)
     # Products below `tiny` may have been flushed: against S >= sqrt(tiny) * V, all V of them
     # together weigh at most sqrt(tiny) relative. Below that, recompute the cell.
-    inexact = sums < jnp.sqrt(jnp.finfo(sums.dtype).tiny) * e.shape[-1]
-
-    # The exact branch re-masks the raw inputs, so that no masked copy is stored in the common case.
-    exact = lambda x: jnp.where(inexact, _exact_log_norm(*_masked_pair(
-        emissions, predictions, e_used, p_used)), x)
+    inexact = cell_used & (sums < jnp.sqrt(jnp.finfo(sums.dtype).tiny) * emissions.shape[-1])
+    exact = lambda x: jnp.where(inexact, _exact_log_norm(
+        emissions, _masked(predictions, p_used), e_used), x)
     log_norm = jax.lax.cond(jnp.any(inexact), exact, lambda x: x, log_norm)
-    return log_norm, (emissions, predictions, e_used, p_used, exp_e, exp_p, sums, log_norm,
-                      inexact)
+    blank_sum, label_sum = _gathers(emissions, predictions, labels, e_used, p_used, blank)
+    moves = (log_norm, blank_sum - log_norm, None if labels is None else label_sum - log_norm)
+    return moves, (emissions, predictions, labels, e_used, p_used, max_e, max_p, sums, log_norm,
+                   cell_used, inexact, best)
+
+
+def _move_log_probs_fwd(emissions, predictions, labels, e_used, p_used, blank):
+    (_, blank_lp, emit_lp), residuals = _forward(emissions, predictions, labels, e_used, p_used,
+                                                 blank)
+    return (blank_lp, emit_lp), residuals[:-1]
+
+
+def _move_log_probs_bwd(blank, residuals, g):
+    (emissions, predictions, labels, e_used, p_used, max_e, max_p, sums, log_norm, cell_used,
+     inexact) = residuals
+    # Cells outside the used rows get no gradient, whatever their cotangent holds.
+    g_blank, g_emit = (jnp.where(cell_used, x, 0) for x in g)
+    g_norm = -(g_blank + g_emit)
+    w = jnp.where(cell_used & ~inexact, g_norm / sums, 0)
+    grads_fn = _on_platform(_grads_xla, _grads_cpu, emissions.dtype, blank=blank)
+    d_e, d_p = grads_fn(emissions, predictions, labels, e_used, p_used, max_e, max_p, w, g_blank,
+                        g_emit)
+
+    def exact(grads):
+        extra = _exact_grads(emissions, _masked(predictions, p_used), e_used,
+                             jnp.where(inexact, g_norm, 0), log_norm)
+        return grads[0] + extra[0], grads[1] + extra[1]
+
+    d_e, d_p = jax.lax.cond(jnp.any(inexact), exact, lambda x: x, (d_e, d_p))
+    return d_e, d_p, None, None, None
+
+
+move_log_probs.defvjp(_move_log_probs_fwd, _move_log_probs_bwd)
 
 
 def _masked_pair(emissions, predictions, e_used, p_used):
     return _masked(emissions, e_used), _masked(predictions, p_used)
 
 
-def _backward(residuals, g):
-    emissions, predictions, e_used, p_used, exp_e, exp_p, sums, log_norm, inexact = residuals
-    w = jnp.where(inexact, 0, g / jnp.where(inexact, 1, sums))
-    d_e = exp_e * jnp.einsum("btu,buv->btv", w, exp_p, precision=PRECISION)
-    d_p = exp_p * jnp.einsum("btu,btv->buv", w, exp_e, precision=PRECISION)
-
-    def exact(grads):
-        e, p = _masked_pair(emissions, predictions, e_used, p_used)
-        extra = _exact_grads(e, p, jnp.where(inexact, g, 0), log_norm)
-        return grads[0] + extra[0], grads[1] + extra[1]
-
-    d_e, d_p = jax.lax.cond(jnp.any(inexact), exact, lambda x: x, (d_e, d_p))
-    return d_e, d_p, None, None
+_CHUNK = 1 << 20  # logits per step of the exact pass (at least one frame of the whole batch)
 
 
-log_normalizer.defvjp(_forward, _backward)
+def _scan_frames(e, p, e_used, per_frame, step, init):
+    """Visits the frames in chunks of c, all examples at once (so the batch stays partitionable),
+    slicing the raw arrays in place (no transposed or masked copy of E):
+    step(carry, fresh (c,), (e chunk (B, c, V), *per_frame chunks (B, c, ...))) -> (carry, out
+    (B, c, ...)), with e's unused rows zeroed and p already masked. The last chunk is shifted back
+    to end at T, so `fresh` marks the frames no earlier chunk has done (an accumulating step must
+    ignore the others). Returns (carry, out (B, T, ...))."""
+    B, T, V = e.shape
+    c = max(1, min(T, _CHUNK // max(1, B * p.shape[1] * V)))
+    n = -(-T // c)
+
+    def body(carry, i):
+        start = jnp.minimum(i * c, T - c)
+        chunk = lambda x: jax.lax.dynamic_slice_in_dim(x, start, c, axis=1)
+        e_c = jnp.where(chunk(e_used)[..., None], chunk(e), 0)
+        return step(carry, start + jnp.arange(c) >= i * c, (e_c, *map(chunk, per_frame)))
+
+    # Under shard_map the carry varies along the inputs' mesh axes from the first step on.
+    axes = frozenset().union(*map(_ffi.varying_axes, (e, p, e_used, *per_frame)))
+    init = jax.tree.map(lambda x: _ffi.to_varying(x, axes), init)
+    carry, out = jax.lax.scan(body, init, jnp.arange(n))  # out: (n, B, c, ...)
+    out = jnp.moveaxis(out, 0, 1)
+    last = out[:, n - 1, n * c - T:]  # the last chunk's fresh frames, at its end
+    if n == 1:
+        return carry, last
+    head = out[:, :n - 1].reshape((B, (n - 1) * c) + out.shape[3:])
+    return carry, jnp.concatenate([head, last], axis=1)
+
+
+def _exact_log_norm(e, p, e_used):
+    def step(carry, fresh, xs):
+        logits = xs[0][:, :, None, :] + p[:, None, :, :]  # (B, c, U+1, V)
+        peak = jnp.max(logits, axis=-1)
+        return carry, peak + jnp.log(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1))
+    return _scan_frames(e, p, e_used, (), step, None)[1]
+
+
+def _exact_best(e, p, e_used, blank):
+    return _scan_frames(e, p, e_used, (), lambda carry, fresh, xs: (
+        carry, _best_scores(xs[0], p, blank)), None)[1]
+
+
+def _exact_grads(e, p, e_used, weight, log_norm):
+    """sum_u and sum_t of weight[b,t,u] * softmax[b,t,u,:], for the cells where weight != 0."""
+    def step(d_p, fresh, xs):
+        rows, w, ln = xs
+        w = jnp.where(fresh[:, None], w, 0)[..., None]
+        share = jnp.where(w != 0, w * jnp.exp(rows[:, :, None, :] + p[:, None, :, :]
+                                              - ln[..., None]), 0)  # (B, c, U+1, V)
+        return d_p + share.sum(axis=1), share.sum(axis=2)
+    d_p, d_e = _scan_frames(e, p, e_used, (weight, log_norm), step, jnp.zeros_like(p))
+    return d_e, d_p

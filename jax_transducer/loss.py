@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
-from ._lattice import (delay_penalized, kernel_lengths, label_log_probs, lattice_costs,
-                       prepare)
+from ._lattice import delay_penalized, kernel_lengths, lattice_costs, prepare
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -67,13 +66,8 @@ def _costs(emissions, predictions, labels, input_lengths, label_lengths, blank, 
     dtype = _checks.compute_dtype(emissions.dtype)
     emissions, predictions = emissions.astype(dtype), predictions.astype(dtype)
     valid = _checks.valid_examples(input_lengths, label_lengths, dims, labels)
-    log_norm, blank_lp = prepare(
-        emissions, predictions, input_lengths, label_lengths, valid, blank)
-    # Labels past label_length (and the extra column for u = U) read the blank: in range, unused.
-    used = jnp.arange(dims[2]) < label_lengths[:, None]
-    safe = jnp.where(used & valid[:, None], labels, blank)
-    safe = jnp.pad(safe, ((0, 0), (0, 1)), constant_values=blank)
-    emit_lp = label_log_probs(emissions, predictions, log_norm, safe)
+    blank_lp, emit_lp = prepare(emissions, predictions, labels, input_lengths, label_lengths,
+                                valid, blank)
     emit_lp = delay_penalized(emit_lp, input_lengths, delay_penalty)
 
     costs = lattice_costs(blank_lp, emit_lp, *kernel_lengths(input_lengths, label_lengths, valid),

@@ -9,24 +9,6 @@ from . import _checks, _ffi
 from ._lattice import kernel_lengths, prepare
 
 
-def _best_labels_xla(emissions, predictions, blank):
-    # XLA fuses the broadcast add into the reduction: the (B, T, U+1, V) scores are never stored.
-    scores = emissions[:, :, None, :] + predictions[:, None, :, :]
-    scores = jnp.where(jnp.arange(scores.shape[-1]) == blank, -jnp.inf, scores)
-    return jnp.max(scores, axis=-1), jnp.argmax(scores, axis=-1).astype(jnp.int32)
-
-
-def _best_labels(emissions, predictions, blank):
-    """Max and argmax over non-blank v of emissions[b,t,v] + predictions[b,u,v]: (B, T, U+1) each.
-
-    A vectorised kernel on CPU, where XLA's fused reduction is slow; the reduction elsewhere.
-    """
-    return jax.lax.platform_dependent(
-        emissions, predictions,
-        cpu=lambda e, p: _ffi.best_labels(e, p, blank),
-        default=lambda e, p: _best_labels_xla(e, p, blank))
-
-
 def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0):
     """Labels along the best path of the lattice, with each label move taking the best non-blank label.
 
@@ -62,9 +44,18 @@ def _viterbi(emissions, predictions, input_lengths, label_lengths, blank):
     dtype = _checks.compute_dtype(emissions.dtype)
     emissions, predictions = jax.lax.stop_gradient((emissions.astype(dtype), predictions.astype(dtype)))
 
-    log_norm, blank_lp = prepare(
-        emissions, predictions, input_lengths, label_lengths, valid, blank)
-    best, best_label = _best_labels(emissions, predictions, blank)
-    path = _ffi.viterbi_path(blank_lp, best - log_norm, best_label,
-                             *kernel_lengths(input_lengths, label_lengths, valid), blank)
-    return path[:, :dims[2]]
+    log_norm, blank_lp, _, best = prepare(emissions, predictions, None, input_lengths,
+                                          label_lengths, valid, blank, differentiable=False,
+                                          with_best=True)
+    # The lattice kernel finds the best path's label moves and reports, per label position, the
+    # frame of that move (-1 past label_length): its per-cell "label" is the frame index. Only
+    # those U cells then need their argmax over V.
+    B, T, U1 = blank_lp.shape
+    frames = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :, None], (B, T, U1))
+    frame = _ffi.viterbi_path(blank_lp, best - log_norm, frames,
+                              *kernel_lengths(input_lengths, label_lengths, valid), -1)[:, :U1 - 1]
+    rows = jnp.take_along_axis(emissions, jnp.maximum(frame, 0)[..., None], axis=1)  # (B, U, V)
+    scores = rows + predictions[:, :U1 - 1]
+    scores = jnp.where(jnp.arange(scores.shape[-1]) == blank, -jnp.inf, scores)
+    labels = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    return jnp.where(frame >= 0, labels, blank)

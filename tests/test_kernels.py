@@ -60,27 +60,109 @@ def test_log_add_random_pairs():
     assert np.max(np.abs(got - want) / np.maximum(1.0, np.abs(want))) < 1e-6
 
 
-@pytest.mark.parametrize("V,blank", [(1, 0), (2, 0), (2, 1), (17, 0), (17, 16), (40, 7), (33, 32)])
-def test_best_labels_kernel(V, blank):
+def _norm_case(seed, B, T, U1, V):
+    rng = np.random.default_rng(seed)
+    E = rng.normal(scale=3, size=(B, T, V)).astype(np.float32)
+    P = rng.normal(scale=3, size=(B, U1, V)).astype(np.float32)
+    e_rows = rng.integers(0, T + 1, size=(B, 1)).astype(np.int32)
+    p_rows = rng.integers(0, U1 + 1, size=(B, 1)).astype(np.int32)
+    e_rows[0], p_rows[0] = T, U1
+    for b in range(B):  # rows past the counts are never read
+        E[b, e_rows[b, 0]:] = np.nan
+        P[b, p_rows[b, 0]:] = np.inf
+    return E, P, e_rows, p_rows
+
+
+def _used(E, P, e_rows, p_rows):
+    T, U1 = E.shape[1], P.shape[1]
+    e_used = np.arange(T)[None, :] < e_rows
+    p_used = np.arange(U1)[None, :] < p_rows
+    return e_used, p_used
+
+
+# V = 1, 2, odd and > 16 (vector tails), blank at both ends; B*chunks < threads and not.
+NORM_SHAPES = [(2, 5, 4, 1, 0), (3, 7, 3, 2, 1), (2, 9, 5, 17, 16), (1, 13, 6, 40, 7),
+               (4, 3, 2, 33, 0)]
+
+
+@pytest.mark.parametrize("B,T,U1,V,blank", NORM_SHAPES)
+@pytest.mark.parametrize("with_best", [False, True])
+def test_norm_forward_kernel(B, T, U1, V, blank, with_best):
     import jax
     from jax_transducer import _ffi
-    rng = np.random.default_rng(71 + V)
-    # Small integers make ties common: the first (lowest) index must win.
-    E = rng.integers(-3, 3, size=(2, 5, V)).astype(np.float32)
-    P = rng.integers(-3, 3, size=(2, 4, V)).astype(np.float32)
-    best, label = jax.jit(lambda e, p: _ffi.best_labels(e, p, blank))(E, P)
-    scores = E[:, :, None, :] + P[:, None, :, :]
-    scores[..., blank] = -np.inf
-    if V == 1:
-        assert (np.asarray(label) == 0).all() and np.isneginf(np.asarray(best)).all()
-        return
-    np.testing.assert_array_equal(np.asarray(label), scores.argmax(-1))
-    np.testing.assert_array_equal(np.asarray(best), scores.max(-1))
+    E, P, e_rows, p_rows = _norm_case(B * 100 + V, B, T, U1, V)
+    sums, max_e, max_p, best = jax.jit(lambda *a: _ffi.norm_forward(*a, blank, with_best))(
+        E, P, e_rows, p_rows)
+    e_used, p_used = _used(E, P, e_rows, p_rows)
+    E64, P64 = np.where(e_used[..., None], E, 0.0), np.where(p_used[..., None], P, 0.0)
+    want_me, want_mp = E64.max(-1) * e_used, P64.max(-1) * p_used
+    np.testing.assert_array_equal(np.asarray(max_e), want_me.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(max_p), want_mp.astype(np.float32))
+    a = np.exp(E64 - want_me[..., None]) * e_used[..., None]
+    p = np.exp(P64 - want_mp[..., None]) * p_used[..., None]
+    prod = a[:, :, None, :] * p[:, None, :, :]
+    np.testing.assert_allclose(np.asarray(sums), prod.sum(-1), rtol=2e-6, atol=1e-30)
+    if with_best:
+        prod[..., blank] = 0
+        np.testing.assert_allclose(np.asarray(best), prod.max(-1), rtol=2e-6, atol=1e-30)
 
 
-def test_viterbi_uses_the_cpu_kernel():
+@pytest.mark.parametrize("B,T,U1,V,blank", NORM_SHAPES)
+def test_norm_backward_kernel(B, T, U1, V, blank):
+    import jax
+    from jax_transducer import _ffi
+    E, P, e_rows, p_rows = _norm_case(B * 200 + V, B, T, U1, V)
+    rng = np.random.default_rng(V)
+    e_used, p_used = _used(E, P, e_rows, p_rows)
+    cells = e_used[:, :, None] & p_used[:, None, :]
+    w, g_blank, g_emit = (np.where(cells, rng.normal(size=(B, T, U1)), 0).astype(np.float32)
+                          for _ in range(3))
+    labels = rng.integers(0, V, size=(B, U1)).astype(np.int32)
+    labels[0, -1] = V + 3  # out of range: ignored, never written
+    _, max_e, _, _ = _ffi.norm_forward(E, P, e_rows, p_rows, blank, False)
+    d_e, d_p = jax.jit(lambda *a: _ffi.norm_backward(*a, blank))(
+        E, P, e_rows, p_rows, max_e, w, g_blank, g_emit, labels)
+    E64, P64 = np.where(e_used[..., None], E, 0.0), np.where(p_used[..., None], P, 0.0)
+    a = np.exp(E64 - E64.max(-1, keepdims=True)) * e_used[..., None]
+    p = np.exp(P64 - P64.max(-1, keepdims=True)) * p_used[..., None]
+    want_e = a * np.einsum("btu,buv->btv", w, p)
+    want_p = p * np.einsum("btu,btv->buv", w, a)
+    for b in range(B):
+        want_e[b, :, blank] += g_blank[b].sum(1)
+        want_p[b, :, blank] += g_blank[b].sum(0)
+        for u in range(U1):
+            if labels[b, u] < V:
+                want_e[b, :, labels[b, u]] += g_emit[b, :, u]
+                want_p[b, u, labels[b, u]] += g_emit[b, :, u].sum()
+    np.testing.assert_allclose(np.asarray(d_e), want_e, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(d_p), want_p, rtol=1e-5, atol=1e-5)
+    assert (np.asarray(d_e)[~e_used] == 0).all() and (np.asarray(d_p)[~p_used] == 0).all()
+
+
+def test_norm_kernels_clamp_row_counts():
+    # Garbage counts (negative, past the arrays) must stay inside the buffers.
+    from jax_transducer import _ffi
+    E, P, _, _ = _norm_case(5, 2, 4, 3, 6)
+    E, P = np.nan_to_num(E), np.nan_to_num(P, posinf=1.0)
+    e_rows = np.array([[-7], [10**6]], np.int32)
+    p_rows = np.array([[10**6], [-1]], np.int32)
+    sums, max_e, max_p, _ = _ffi.norm_forward(E, P, e_rows, p_rows, 0, False)
+    assert (np.asarray(sums) == 0).all()  # example 0 has no frames, example 1 no predictions
+    zeros = np.zeros((2, 4, 3), np.float32)
+    d_e, d_p = _ffi.norm_backward(E, P, e_rows, p_rows, max_e, zeros, zeros, zeros,
+                                  np.full((2, 3), 10**6, np.int32), 0)
+    assert np.isfinite(np.asarray(d_e)).all() and np.isfinite(np.asarray(d_p)).all()
+
+
+@pytest.mark.parametrize("dtype,fused", [(np.float32, True), (np.float64, False)])
+def test_float32_uses_the_fused_cpu_normaliser(dtype, fused):
     import jax
     import jax_transducer as jt
-    E, P = np.zeros((1, 3, 5), np.float32), np.zeros((1, 3, 5), np.float32)
-    hlo = jax.jit(jt.viterbi).lower(E, P, np.array([3]), np.array([2])).as_text()
-    assert "jax_transducer_best_labels" in hlo
+    E, P = np.ones((1, 3, 5), dtype), np.ones((1, 3, 5), dtype)
+    args = (E, P, np.ones((1, 2), np.int32), np.array([3]), np.array([2]))
+    loss = jax.jit(jax.grad(lambda e, *a: jt.transducer_loss(e, *a).sum()))
+    hlo = loss.lower(*args).as_text()
+    vit = jax.jit(jt.viterbi).lower(E, P, np.array([3]), np.array([2])).as_text()
+    for name, text in (("jax_transducer_norm_forward", hlo), ("jax_transducer_norm_backward", hlo),
+                       ("jax_transducer_norm_forward", vit)):
+        assert (name in text) == fused

@@ -168,3 +168,26 @@ def test_empty_batch(device):
     g = jax.grad(lambda e: jt.transducer_loss(e, *args[1:]).sum())(args[0])
     assert g.shape == E.shape
     assert jt.viterbi(*args[:2], *args[3:]).shape == (0, 2)
+
+
+@pytest.mark.parametrize("chunk_frames", [1, 2, 3])
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-9), (np.float32, 30 * 1e-7 * 1e3)])
+def test_exact_pass_in_chunks(device, monkeypatch, chunk_frames, dtype, tol):
+    # The exact pass visits frames in chunks (the last one shifted back to end at T); with chunks
+    # of 1, 2 and 3 frames over T = 7, every frame must be visited once and accumulated once.
+    from jax_transducer import _normalizer
+    B, T, U, V, blank = 3, 7, 3, 5, 2
+    monkeypatch.setattr(_normalizer, "_CHUNK", chunk_frames * B * (U + 1) * V)
+    E, P, labels, in_len, lab_len = make_batch(26 + chunk_frames, B=B, T=T, U=U, V=V,
+                                               blank=blank, scale=1e3, dtype=dtype)
+    args = put(device, E, P, labels, in_len, lab_len)
+    E, P = E.astype(np.float64), P.astype(np.float64)
+    loss = jax.jit(lambda e, p: jt.transducer_loss(e, p, *args[2:], blank=blank).sum())
+    costs, (gE, gP) = jax.value_and_grad(loss, argnums=(0, 1))(*args[:2])
+    np.testing.assert_allclose(float(costs), ref.costs(E, P, labels, in_len, lab_len, blank).sum(),
+                               rtol=tol)
+    wE, wP = ref.gradients(E, P, labels, in_len, lab_len, blank)
+    np.testing.assert_allclose(np.asarray(gE), wE, atol=tol)
+    np.testing.assert_allclose(np.asarray(gP), wP, atol=tol)
+    got = jax.jit(lambda e, p: jt.viterbi(e, p, in_len, lab_len, blank=blank))(*args[:2])
+    np.testing.assert_array_equal(np.asarray(got), ref.viterbi(E, P, in_len, lab_len, blank))

@@ -10,8 +10,8 @@
 #include <mutex>
 #include <vector>
 
-#include "../cpu/best_labels_cpu.h"
 #include "../cpu/lattice_cpu.h"
+#include "../cpu/normalizer_cpu.h"
 #include "common.h"
 
 namespace jax_transducer {
@@ -173,74 +173,180 @@ ffi::Error Viterbi(ffi::ThreadPool pool, ffi::AnyBuffer blank, ffi::AnyBuffer be
   });
 }
 
-template <typename T>
-void best_labels_tile(const T* e, int rows, const T* pred, int64_t u1, int64_t nv, int32_t blank,
-                      T* best, int32_t* label) {
-  cpu::best_labels_rows(e, rows, pred, u1, nv, blank, best, label);
-}
+// ---- The normaliser's fused matmuls (float32; see lib/cpu/normalizer_cpu.h) ----
 
-template <>
-JT_CPU_CLONES void best_labels_tile(const float* e, int rows, const float* pred, int64_t u1,
-                                    int64_t nv, int32_t blank, float* best, int32_t* label) {
-  cpu::best_labels_rows(e, rows, pred, u1, nv, blank, best, label);
-}
+// Rows of E and P that example b uses, clamped to the arrays whatever the lengths hold.
+struct NormDims {
+  int64_t batch, nt, u1, nv;
+  int32_t e_len(const int32_t* lengths, int64_t b) const {
+    return static_cast<int32_t>(std::clamp<int64_t>(lengths[b], 0, nt));
+  }
+  int32_t p_len(const int32_t* lengths, int64_t b) const {
+    return static_cast<int32_t>(std::clamp<int64_t>(lengths[b], 0, u1));
+  }
+  // Work items per example: enough to keep every thread busy when B is small.
+  int64_t chunks(const ffi::ThreadPool& pool) const {
+    const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+    return std::min<int64_t>(std::max<int64_t>(1, nt), (threads + batch - 1) / batch);
+  }
+};
 
-template <typename T>
-void best_labels_all(ffi::ThreadPool& pool, int64_t batch, int64_t nt, int64_t u1, int64_t nv,
-                     ffi::AnyBuffer emissions, ffi::AnyBuffer predictions, int32_t blank,
-                     ffi::Result<ffi::AnyBuffer>& best, int32_t* label) {
-  const T* e = emissions.typed_data<T>();
-  const T* p = predictions.typed_data<T>();
-  T* out = best->typed_data<T>();
-  // One item per tile of kRows emission rows: enough items to keep every thread busy at B = 1.
-  const int64_t tiles = (nt + cpu::kRows - 1) / cpu::kRows;
-  parallel_for(pool, batch * tiles, [&](int64_t item) {
-    const int64_t b = item / tiles, t = (item % tiles) * cpu::kRows;
-    const int rows = static_cast<int>(std::min<int64_t>(cpu::kRows, nt - t));
-    const int64_t row = b * nt + t;
-    best_labels_tile(e + row * nv, rows, p + b * u1 * nv, u1, nv, blank, out + row * u1,
-                     label + row * u1);
-  });
-}
-
-// Per-cell best non-blank label of the additive joiner (viterbi's label moves).
-ffi::Error BestLabels(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyBuffer predictions,
-                      int32_t blank, ffi::Result<ffi::AnyBuffer> best,
-                      ffi::Result<ffi::Buffer<ffi::S32>> label) {
+ffi::Error norm_dims(const ffi::AnyBuffer& emissions, const ffi::AnyBuffer& predictions,
+                     Dims e_len, Dims p_len, int32_t blank, NormDims* n) {
   auto e = emissions.dimensions();
   auto p = predictions.dimensions();
   if (e.size() < 3 || p.size() != e.size() || e.back() != p.back())
-    return ffi::Error::InvalidArgument("jax_transducer: best_labels expects (..., T, V) and "
+    return ffi::Error::InvalidArgument("jax_transducer: the normaliser expects (..., T, V) and "
                                        "(..., U1, V) scores");
+  if (emissions.element_type() != ffi::F32 || predictions.element_type() != ffi::F32)
+    return ffi::Error::InvalidArgument("jax_transducer: the CPU normaliser takes float32 scores");
   LatticeDims d;
   d.nt = e[e.size() - 2];
   d.u1 = p[p.size() - 2];
   const int64_t nv = e.back();
   d.batch = emissions.element_count() / std::max<int64_t>(1, d.nt * nv);
-  for (auto err : {expect_shape("predictions", p, d, d.u1, nv),
-                   expect_shape("best", best->dimensions(), d, d.nt, d.u1),
-                   expect_shape("best_label", label->dimensions(), d, d.nt, d.u1)})
-    if (err.failure()) return err;
+  if (auto err = first_failure({expect_shape("predictions", p, d, d.u1, nv),
+                                expect_shape("emission_rows", e_len, d, 1),
+                                expect_shape("prediction_rows", p_len, d, 1)});
+      err.failure())
+    return err;
   if (blank < 0 || blank >= nv)
     return ffi::Error::InvalidArgument("jax_transducer: blank outside [0, V)");
-  if (!same_dtype({&emissions, &predictions})) return unsupported_dtype("best_labels");
-  return dispatch_float(emissions.element_type(), "best_labels", [&](auto x) {
-    best_labels_all<decltype(x)>(pool, d.batch, d.nt, d.u1, nv, emissions, predictions, blank, best,
-                                 label->typed_data());
-    return ffi::Error::Success();
+  *n = NormDims{d.batch, d.nt, d.u1, nv};
+  return ffi::Error::Success();
+}
+
+template <bool kBest>
+JT_CPU_CLONES void norm_forward_item(const float* E, const float* P, const NormDims& n,
+                                     int32_t e_len, int32_t p_len, int32_t blank, int64_t t0,
+                                     int64_t t1, float* sums, float* max_e, float* max_p,
+                                     float* best) {
+  const cpu::PredictionRows p(P, max_p, n.u1, n.nv, p_len);
+  cpu::normalizer_forward_rows<kBest>(E, p, n.u1, n.nv, e_len, p_len, blank, t0, t1, sums,
+                                      max_e, best);
+}
+
+// S = exp(E - mE) @ exp(P - mP)^T with the row maxima mE, mP; with with_best, also the largest
+// product over v != blank. Rows past the given counts are read as absent: their S, M and maxima
+// are 0.
+ffi::Error NormForward(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyBuffer predictions,
+                       ffi::Buffer<ffi::S32> e_rows, ffi::Buffer<ffi::S32> p_rows, int32_t blank,
+                       bool with_best, ffi::Result<ffi::AnyBuffer> sums,
+                       ffi::Result<ffi::AnyBuffer> max_e, ffi::Result<ffi::AnyBuffer> max_p,
+                       ffi::Result<ffi::AnyBuffer> best) {
+  NormDims n;
+  if (auto err = norm_dims(emissions, predictions, e_rows.dimensions(), p_rows.dimensions(),
+                           blank, &n);
+      err.failure())
+    return err;
+  LatticeDims d{n.batch, n.nt, n.u1};
+  if (auto err = first_failure({expect_shape("sums", sums->dimensions(), d, n.nt, n.u1),
+                                expect_shape("max_e", max_e->dimensions(), d, n.nt),
+                                expect_shape("max_p", max_p->dimensions(), d, n.u1),
+                                with_best ? expect_shape("best", best->dimensions(), d, n.nt, n.u1)
+                                          : ffi::Error::Success()});
+      err.failure())
+    return err;
+  const float* E = emissions.typed_data<float>();
+  const float* P = predictions.typed_data<float>();
+  const int64_t chunks = n.chunks(pool), span = (n.nt + chunks - 1) / chunks;
+  parallel_for(pool, n.batch * chunks, [&](int64_t item) {
+    const int64_t b = item / chunks, t0 = std::min(n.nt, (item % chunks) * span),
+                  t1 = std::min(n.nt, t0 + span);
+    const int64_t cells = b * n.nt * n.u1;
+    // Only the first chunk of an example writes its prediction maxima.
+    float* mp = item % chunks == 0 ? max_p->typed_data<float>() + b * n.u1 : nullptr;
+    float* bst = with_best ? best->typed_data<float>() + cells : nullptr;
+    auto run = with_best ? norm_forward_item<true> : norm_forward_item<false>;
+    run(E + b * n.nt * n.nv, P + b * n.u1 * n.nv, n, n.e_len(e_rows.typed_data(), b),
+        n.p_len(p_rows.typed_data(), b), blank, t0, t1, sums->typed_data<float>() + cells,
+        max_e->typed_data<float>() + b * n.nt, mp, bst);
   });
+  return ffi::Error::Success();
+}
+
+JT_CPU_CLONES void norm_backward_item(const float* E, const float* P, const NormDims& n,
+                                      int32_t e_len, int32_t p_len, int32_t blank, int64_t t0,
+                                      int64_t t1, const float* max_e, const float* w,
+                                      const float* g_blank, const float* g_emit,
+                                      const int32_t* labels, float* d_e, float* y, float* d_p) {
+  const cpu::PredictionRows p(P, nullptr, n.u1, n.nv, p_len);
+  std::fill(y, y + n.u1 * p.nv_pad, 0.0f);
+  cpu::normalizer_backward_rows(E, p, max_e, w, g_blank, g_emit, labels, n.u1, n.nv, e_len,
+                                blank, t0, t1, d_e, y);
+  if (d_p)
+    cpu::normalizer_prediction_grad(p, y, g_blank, g_emit, labels, n.nt, n.u1, n.nv, p_len,
+                                    blank, d_p);
+}
+
+JT_CPU_CLONES void norm_prediction_item(const float* P, const NormDims& n, int32_t p_len,
+                                        int32_t blank, const float* y, const float* g_blank,
+                                        const float* g_emit, const int32_t* labels, float* d_p) {
+  const cpu::PredictionRows p(P, nullptr, n.u1, n.nv, p_len);
+  cpu::normalizer_prediction_grad(p, y, g_blank, g_emit, labels, n.nt, n.u1, n.nv, p_len, blank,
+                                  d_p);
+}
+
+// The normaliser's and the gathers' gradient: dE, dP for cotangents g_blank, g_emit of the move
+// log-probabilities, with W = -(g_blank + g_emit) / S (zero where the exact pass takes over).
+ffi::Error NormBackward(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyBuffer predictions,
+                        ffi::Buffer<ffi::S32> e_rows, ffi::Buffer<ffi::S32> p_rows,
+                        ffi::Buffer<ffi::F32> max_e, ffi::Buffer<ffi::F32> w,
+                        ffi::Buffer<ffi::F32> g_blank, ffi::Buffer<ffi::F32> g_emit,
+                        ffi::Buffer<ffi::S32> labels, int32_t blank,
+                        ffi::Result<ffi::AnyBuffer> d_e, ffi::Result<ffi::AnyBuffer> d_p) {
+  NormDims n;
+  if (auto err = norm_dims(emissions, predictions, e_rows.dimensions(), p_rows.dimensions(),
+                           blank, &n);
+      err.failure())
+    return err;
+  LatticeDims d{n.batch, n.nt, n.u1};
+  if (auto err = first_failure({expect_shape("max_e", max_e.dimensions(), d, n.nt),
+                                expect_shape("w", w.dimensions(), d, n.nt, n.u1),
+                                expect_shape("g_blank", g_blank.dimensions(), d, n.nt, n.u1),
+                                expect_shape("g_emit", g_emit.dimensions(), d, n.nt, n.u1),
+                                expect_shape("labels", labels.dimensions(), d, n.u1),
+                                expect_shape("d_e", d_e->dimensions(), d, n.nt, n.nv),
+                                expect_shape("d_p", d_p->dimensions(), d, n.u1, n.nv)});
+      err.failure())
+    return err;
+  const float* E = emissions.typed_data<float>();
+  const float* P = predictions.typed_data<float>();
+  const int64_t chunks = n.chunks(pool), span = (n.nt + chunks - 1) / chunks;
+  const int64_t nv_pad = cpu::padded(n.nv), cells = n.nt * n.u1;
+  // sum_t W a for each (example, chunk); with one chunk per example it stays in the item.
+  std::vector<float> partial(chunks > 1 ? static_cast<size_t>(n.batch * chunks * n.u1 * nv_pad)
+                                        : 0);
+  parallel_for(pool, n.batch * chunks, [&](int64_t item) {
+    const int64_t b = item / chunks, t0 = std::min(n.nt, (item % chunks) * span),
+                  t1 = std::min(n.nt, t0 + span);
+    std::vector<float> local(chunks > 1 ? 0 : static_cast<size_t>(n.u1 * nv_pad));
+    float* y = chunks > 1 ? &partial[item * n.u1 * nv_pad] : local.data();
+    norm_backward_item(E + b * n.nt * n.nv, P + b * n.u1 * n.nv, n,
+                       n.e_len(e_rows.typed_data(), b), n.p_len(p_rows.typed_data(), b), blank,
+                       t0, t1, max_e.typed_data() + b * n.nt, w.typed_data() + b * cells,
+                       g_blank.typed_data() + b * cells, g_emit.typed_data() + b * cells,
+                       labels.typed_data() + b * n.u1,
+                       d_e->typed_data<float>() + b * n.nt * n.nv, y,
+                       chunks > 1 ? nullptr : d_p->typed_data<float>() + b * n.u1 * n.nv);
+  });
+  if (chunks > 1) {
+    parallel_for(pool, n.batch, [&](int64_t b) {
+      float* y = &partial[b * chunks * n.u1 * nv_pad];
+      for (int64_t k = 1; k < chunks; ++k) {
+        const float* other = y + k * n.u1 * nv_pad;
+        for (int64_t i = 0; i < n.u1 * nv_pad; ++i) y[i] += other[i];
+      }
+      norm_prediction_item(P + b * n.u1 * n.nv, n, n.p_len(p_rows.typed_data(), b), blank, y,
+                           g_blank.typed_data() + b * cells, g_emit.typed_data() + b * cells,
+                           labels.typed_data() + b * n.u1,
+                           d_p->typed_data<float>() + b * n.u1 * n.nv);
+    });
+  }
+  return ffi::Error::Success();
 }
 
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JtBestLabelsCpu, BestLabels,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("blank")
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JtForwardCpu, Forward,
                               ffi::Ffi::Bind()
@@ -276,6 +382,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JtViterbiCpu, Viterbi,
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::U8>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtNormForwardCpu, NormForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("blank")
+                                  .Attr<bool>("with_best")
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtNormBackwardCpu, NormBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("blank")
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
 }  // namespace jax_transducer
 
 PYBIND11_MODULE(_cpu, m) {
@@ -299,8 +435,10 @@ PYBIND11_MODULE(_cpu, m) {
         py::capsule(reinterpret_cast<void*>(jax_transducer::JtBackwardCpu));
     d["jax_transducer_viterbi"] =
         py::capsule(reinterpret_cast<void*>(jax_transducer::JtViterbiCpu));
-    d["jax_transducer_best_labels"] =
-        py::capsule(reinterpret_cast<void*>(jax_transducer::JtBestLabelsCpu));
+    d["jax_transducer_norm_forward"] =
+        py::capsule(reinterpret_cast<void*>(jax_transducer::JtNormForwardCpu));
+    d["jax_transducer_norm_backward"] =
+        py::capsule(reinterpret_cast<void*>(jax_transducer::JtNormBackwardCpu));
     return d;
   });
 }
