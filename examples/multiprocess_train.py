@@ -1,16 +1,18 @@
 """Data-parallel RNN-T training over many processes: one jitted step, the batch sharded over every
 device of every process.
 
-    # 2 processes on this machine (on CPU each gets 2 host devices), over a loopback coordinator:
+    # 2 processes on this machine, over a loopback coordinator (on CPU each gets --host-devices 2;
+    # on one GPU host, run a single process instead: it drives all the GPUs):
     python examples/multiprocess_train.py --launch 2
 
     # by hand, one command per process (the coordinator is process 0's host and a free port):
     python examples/multiprocess_train.py --process-id 0 --num-processes 2 --coordinator 10.0.0.1:12345
     python examples/multiprocess_train.py --process-id 1 --num-processes 2 --coordinator 10.0.0.1:12345
 
-    # on a cluster, one process per host (or per GPU): SLURM, Open MPI, Kubernetes and TPU pods are
-    # detected by jax.distributed.initialize() from the environment, no flags needed:
-    srun --nodes=2 --ntasks-per-node=1 python examples/multiprocess_train.py
+    # on a cluster: SLURM (inside srun), Open MPI (mpirun) and Kubernetes are detected by
+    # jax.distributed.initialize() from the environment, no flags needed. There each process gets
+    # the one GPU of its local rank (SLURM_LOCALID), so start one process per GPU:
+    srun --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 python examples/multiprocess_train.py
 
 Every process runs this same program (SPMD). Each feeds only its own rows of the global batch
 (`jax.make_array_from_process_local_data`); `jit` partitions the step by batch, so the loss kernels
