@@ -124,7 +124,7 @@ def launch(command, num_processes, host_devices=2, env=None, timeout=None, log_d
 
 def make_batch(seed, B, T, U, V, F):
     """A random global batch (NumPy): features (B, T, F) float32, labels (B, U) in [1, V), lengths
-    (B,) int32 with padding past them. A real loader would read only this process's rows."""
+    (B,) int32 (what lies past them is padding). A real loader would read only this process's rows."""
     rng = np.random.default_rng(seed)
     input_lengths = rng.integers(max(1, T // 2), T + 1, size=B).astype(np.int32)
     label_lengths = rng.integers(0, U + 1, size=B).astype(np.int32)
