@@ -8,6 +8,7 @@ process, and writes what it sees to OUT_DIR/process_<I>.npz: the global per-exam
 """
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -66,6 +67,13 @@ def main(argv):
 
     gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
     out = {"rows": np.array([rows.start, rows.stop]), "devices": np.array(jax.device_count())}
+    # The compiled step: which collectives it holds, and the batch size each kernel call sees.
+    hlo = ex.train_step.lower(state, local, LEARNING_RATE).compile().as_text()
+    for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
+        out[f"hlo_{op}"] = np.array(len(re.findall(rf"\b{op}(-start)?\(", hlo)))
+    out["kernel_batch"] = np.array([int(re.search(r"= \(?\w+\[(\d+)", line).group(1))
+                                    for line in hlo.splitlines()
+                                    if 'custom_call_target="jax_transducer' in line])
     for step in range(STEPS):
         state, metrics = ex.train_step(state, local, LEARNING_RATE)
         out[f"loss_{step}"] = np.asarray(metrics["loss"])

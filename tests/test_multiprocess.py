@@ -91,8 +91,17 @@ def test_each_process_feeds_its_rows_and_sees_the_same_replicated_values(runs):
     lengths = worker.batch()["input_lengths"]
     assert lengths[:B // 2].min() > lengths[B // 2:][np.arange(B // 2) != worker.INVALID - B // 2].max()
     for k in runs[0]:
-        if k != "rows":
+        if k not in ("rows", "kernel_batch"):
             np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
+
+
+def test_the_kernels_run_on_each_device_s_rows_and_nothing_is_gathered(runs):
+    for run in runs:
+        assert run["hlo_all-gather"] == run["hlo_all-to-all"] == run["hlo_collective-permute"] == 0
+        assert run["hlo_all-reduce"] > 0  # the gradients are summed across devices
+        # forward, backward, viterbi and best labels, each on B / devices examples
+        assert len(run["kernel_batch"]) == 4
+        np.testing.assert_array_equal(run["kernel_batch"], worker.B // run["devices"])
 
 
 def test_matches_a_single_process_on_the_whole_batch(runs, single):
