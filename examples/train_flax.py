@@ -9,9 +9,9 @@ optax and matplotlib; tqdm for the progress bar, which falls back to plain lines
 The task: each utterance is a sequence of 1-10 labels out of 20 (printed as the letters a-t; 0 is
 the blank), rendered as acoustic-like features: every label is 2-4 frames (at random) of its own
 16-dimensional pattern of +-1 plus unit Gaussian noise, with 0-2 frames of silence (noise only)
-before, between and after the labels, so input and label lengths vary. Consecutive labels differ:
-with an additive joiner, a model that sees only the frames and the label history cannot tell a
-repeated label from the one it has just emitted.
+before, between and after the labels, so input and label lengths vary. Consecutive labels differ,
+as this small model could not learn repeats: its encoder sees 9 frames and its predictor only the
+previous label, so after emitting label k it cannot tell the rest of k's frames from a second k.
 
 The model: a convolutional encoder projects the frames to V = 21 scores (emissions, (B, T, V)), a
 stateless prediction network embeds the previous label and projects it to V scores (predictions,
@@ -101,7 +101,8 @@ def text(labels):
 
 
 class Encoder(nn.Module):
-    """(B, T, F) frames -> (B, T, V) emission scores: two residual 1-D convolutions (5 frames)."""
+    """(B, T, F) frames -> (B, T, V) emission scores: two residual 1-D convolutions over 5 frames,
+    so each output sees 9 frames."""
     hidden: int = 64
 
     @nn.compact
@@ -129,12 +130,10 @@ class Transducer(nn.Module):
         self.predictor = Predictor()
 
     def __call__(self, features, labels):
-        """-> emissions (B, T, V), predictions (B, U+1, V): row u of predictions follows labels[:u]."""
+        """-> emissions (B, T, V), predictions (B, U+1, V). Row u of the predictions comes after
+        labels[:u]; this predictor sees only the last of them (the blank for u = 0)."""
         previous = jnp.pad(labels, ((0, 0), (1, 0)), constant_values=BLANK)
         return self.encoder(features), self.predictor(previous)
-
-    def encode(self, features):
-        return self.encoder(features)
 
     def predict(self, previous):
         return self.predictor(previous)
@@ -291,8 +290,9 @@ def plot_curves(path, losses, history):
     steps = np.arange(1, len(losses) + 1)
     ax_loss.plot(steps, losses, color="0.75", lw=0.7, label="train batch")
     window = max(1, len(losses) // 30)
-    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-    ax_loss.plot(steps[window - 1:], smooth, color="C0", label=f"train, mean of {window}")
+    if losses:
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax_loss.plot(steps[window - 1:], smooth, color="C0", label=f"train, mean of {window}")
     ax_loss.plot([h["step"] for h in history], [h["loss"] for h in history], "o-", color="C3",
                  ms=3, label="held-out")
     ax_loss.set(yscale="log", xlabel="step", ylabel=METRICS["loss"], title="transducer loss")
