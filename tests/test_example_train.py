@@ -63,3 +63,37 @@ def test_greedy_decode_emits_until_blank_and_at_most_max_symbols_per_frame(examp
     # Without the penalty the same label is emitted again and again: max_symbols per frame.
     hyps = example.greedy_decode(emissions, np.zeros((V, V)), np.array([3, 1]), max_symbols=2)
     assert hyps == [[3, 3, 4, 4], [3, 3]]
+
+
+def test_alignment_occupancy_and_best_path_by_enumeration(example):
+    # Every path from (0, 0) to (T-1, U) is a choice of the frames at which the U labels are
+    # emitted (non-decreasing), followed by the final blank out of (T-1, U).
+    import itertools
+    rng = np.random.default_rng(7)
+    T, U = 5, 3
+    blank_lp, emit_lp = rng.normal(size=(T, U + 1)) - 1.0, rng.normal(size=(T, U)) - 1.0
+    scores, visits = [], []
+    for frames in itertools.combinations_with_replacement(range(T), U):
+        nodes, t, u, score = [(0, 0)], 0, 0, 0.0
+        for emit_t in list(frames) + [T - 1]:
+            while t < emit_t:
+                score += blank_lp[t, u]
+                t += 1
+                nodes.append((t, u))
+            if u < U:
+                score += emit_lp[t, u]
+                u += 1
+                nodes.append((t, u))
+        scores.append(score + blank_lp[T - 1, U])
+        visits.append(nodes)
+    scores = np.array(scores)
+    log_z = np.log(np.exp(scores).sum())
+
+    cost, occupancy, path = example.alignment(blank_lp, emit_lp)
+    assert cost == pytest.approx(-log_z, rel=1e-12)
+    want = np.zeros((T, U + 1))
+    for score, nodes in zip(scores, visits):
+        for node in nodes:
+            want[node] += np.exp(score - log_z)
+    np.testing.assert_allclose(occupancy, want, rtol=1e-10, atol=1e-12)
+    assert path == visits[int(np.argmax(scores))]
