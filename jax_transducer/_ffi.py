@@ -1,4 +1,5 @@
-"""FFI targets: registration and the three kernel calls.
+"""FFI targets: registration and the kernel calls (the lattice's forward, backward and viterbi;
+on CPU also the normaliser's fused forward and backward).
 
 Every call takes lattice arrays shaped (B, T, U+1) and per-example arrays shaped (B, 1) (a
 trailing axis: the batch partitioner gathers arrays with no dimension beyond the batch). Three
