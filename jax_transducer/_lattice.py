@@ -49,23 +49,24 @@ def kernel_lengths(input_lengths, label_lengths, valid):
     return (jnp.where(valid, input_lengths, 0)[:, None], label_lengths[:, None])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def lattice_costs(blank_lp, emit_lp, input_lengths, label_lengths, fastemit_lambda=0.0):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def lattice_costs(blank_lp, emit_lp, input_lengths, label_lengths, fastemit_lambda=0.0, impl=None):
     """(B, 1) costs -log P(labels | lattice); (B, 1) int32 lengths.
 
     fastemit_lambda scales the gradient of every label move's log-probability by
-    (1 + fastemit_lambda) (FastEmit); the costs do not change.
+    (1 + fastemit_lambda) (FastEmit); the costs do not change. impl: None/"auto", "ffi" or "xla"
+    (see _ffi).
     """
-    return _ffi.forward(blank_lp, emit_lp, input_lengths, label_lengths)[0]
+    return _ffi.forward(blank_lp, emit_lp, input_lengths, label_lengths, impl)[0]
 
 
-def _lattice_costs_fwd(blank_lp, emit_lp, input_lengths, label_lengths, fastemit_lambda):
-    costs, alpha = _ffi.forward(blank_lp, emit_lp, input_lengths, label_lengths)
+def _lattice_costs_fwd(blank_lp, emit_lp, input_lengths, label_lengths, fastemit_lambda, impl):
+    costs, alpha = _ffi.forward(blank_lp, emit_lp, input_lengths, label_lengths, impl)
     return costs, (blank_lp, emit_lp, alpha, costs, input_lengths, label_lengths)
 
 
-def _lattice_costs_bwd(fastemit_lambda, residuals, g):
-    flow_blank, flow_emit = _ffi.backward(*residuals)
+def _lattice_costs_bwd(fastemit_lambda, impl, residuals, g):
+    flow_blank, flow_emit = _ffi.backward(*residuals, impl)
     # d cost / d log-prob of a move is minus its flow; invalid examples have zero flows.
     g = g[..., None]
     return -g * flow_blank, -(1 + fastemit_lambda) * g * flow_emit, None, None

@@ -9,25 +9,7 @@ from . import _checks, _ffi
 from ._lattice import kernel_lengths, prepare
 
 
-def _best_labels_xla(emissions, predictions, blank):
-    # XLA fuses the broadcast add into the reduction: the (B, T, U+1, V) scores are never stored.
-    scores = emissions[:, :, None, :] + predictions[:, None, :, :]
-    scores = jnp.where(jnp.arange(scores.shape[-1]) == blank, -jnp.inf, scores)
-    return jnp.max(scores, axis=-1), jnp.argmax(scores, axis=-1).astype(jnp.int32)
-
-
-def _best_labels(emissions, predictions, blank):
-    """Max and argmax over non-blank v of emissions[b,t,v] + predictions[b,u,v]: (B, T, U+1) each.
-
-    A vectorised kernel on CPU, where XLA's fused reduction is slow; the reduction elsewhere.
-    """
-    return jax.lax.platform_dependent(
-        emissions, predictions,
-        cpu=lambda e, p: _ffi.best_labels(e, p, blank),
-        default=lambda e, p: _best_labels_xla(e, p, blank))
-
-
-def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0):
+def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0, impl=None):
     """Labels along the best path of the lattice, with each label move taking the best non-blank label.
 
     Args:
@@ -35,6 +17,9 @@ def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0):
         least); predictions: (B, U+1, V), same dtype.
       input_lengths: (B,) integers in [1, T]; label_lengths: (B,) integers in [0, U].
       blank: Python int in [0, V).
+      impl: None or "auto" (the compiled kernels where this install has them for the platform,
+        else the pure-XLA recursion with a one-time warning), "ffi" (the kernels; RuntimeError
+        when the default backend has none) or "xla" (the pure-XLA recursion, same results).
 
     Returns:
       (B, U) int32. A label move at lattice node (t, u) scores the best non-blank label there
@@ -52,11 +37,12 @@ def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0):
     emissions, predictions, dims = _checks.check_scores(emissions, predictions)
     blank = _checks.check_blank(blank, dims[3])
     input_lengths, label_lengths = _checks.check_lengths(input_lengths, label_lengths, dims)
-    return _viterbi(emissions, predictions, input_lengths, label_lengths, blank)
+    impl = _ffi.check_impl(impl)
+    return _viterbi(emissions, predictions, input_lengths, label_lengths, blank, impl)
 
 
-@functools.partial(jax.jit, static_argnums=4)
-def _viterbi(emissions, predictions, input_lengths, label_lengths, blank):
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _viterbi(emissions, predictions, input_lengths, label_lengths, blank, impl):
     dims = _checks.dims_of(emissions, predictions)
     valid = _checks.valid_examples(input_lengths, label_lengths, dims)
     dtype = _checks.compute_dtype(emissions.dtype)
@@ -64,7 +50,7 @@ def _viterbi(emissions, predictions, input_lengths, label_lengths, blank):
 
     log_norm, blank_lp = prepare(
         emissions, predictions, input_lengths, label_lengths, valid, blank)
-    best, best_label = _best_labels(emissions, predictions, blank)
+    best, best_label = _ffi.best_labels(emissions, predictions, blank, impl)
     path = _ffi.viterbi_path(blank_lp, best - log_norm, best_label,
-                             *kernel_lengths(input_lengths, label_lengths, valid), blank)
+                             *kernel_lengths(input_lengths, label_lengths, valid), blank, impl)
     return path[:, :dims[2]]
