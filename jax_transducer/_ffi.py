@@ -7,7 +7,7 @@ recursion elsewhere; "ffi" requires the kernels; "xla" always takes the pure-XLA
 
 Every call takes lattice arrays shaped (B, T, U+1) and per-example arrays shaped (B, 1) (a
 trailing axis: the batch partitioner gathers arrays with no dimension beyond the batch). Three
-things make the calls compose with JAX's transforms:
+things make the kernel calls compose with JAX's transforms (the XLA ones do by construction):
 - vmap: mapped axes are folded into B (`custom_vmap`), so the kernels run once per call;
 - sharded jit: the targets are batch partitionable (`num_batch_dims`), and a Shardy sharding rule
   (the `xla.sdy.sharding_rule` frontend attribute) lets the batch sharding propagate through the
@@ -175,7 +175,7 @@ def _choose(impl, kernel, fallback):
         warnings.warn(
             f"jax_transducer: no compiled kernels for {platform!r} in this install; using the "
             "pure-XLA implementation (slower on CPU and GPU). Pass impl='xla' to choose it "
-            "explicitly.", RuntimeWarning, stacklevel=4)
+            "explicitly.", RuntimeWarning, stacklevel=2)
     if not platforms:
         return fallback
     return lambda *args: jax.lax.platform_dependent(

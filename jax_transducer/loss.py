@@ -124,4 +124,5 @@ class TransducerLoss:
                        impl=self.impl)
 
     def __repr__(self):
-        return f"TransducerLoss(blank={self.blank}, reduction={self.reduction!r})"
+        impl = "" if self.impl == "auto" else f", impl={self.impl!r}"
+        return f"TransducerLoss(blank={self.blank}, reduction={self.reduction!r}{impl})"

@@ -3,7 +3,6 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from . import _checks, _ffi
 from ._lattice import kernel_lengths, prepare
