@@ -13,5 +13,9 @@ __all__ = ["transducer_loss", "viterbi", "TransducerLoss", "build_info", "__vers
 
 
 def build_info():
-    """What this install holds: {"cpu": bool, "cuda": bool, "version": str}."""
-    return {"cpu": True, "cuda": _ffi.has_cuda(), "version": __version__}
+    """What this install holds: {"cpu": bool, "cuda": bool, "xla": True, "version": str}.
+
+    "cpu" and "cuda" say whether the compiled kernels for that platform are there; "xla" that the
+    pure-XLA implementation (impl="xla", and impl=None on platforms without kernels) is, always.
+    """
+    return {"cpu": _ffi.has_cpu(), "cuda": _ffi.has_cuda(), "xla": True, "version": __version__}

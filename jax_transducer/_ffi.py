@@ -1,9 +1,14 @@
-"""FFI targets: registration and the kernel calls (the lattice's forward, backward and viterbi;
-on CPU also the normaliser's fused forward and backward).
+"""The kernel calls, as FFI targets or in pure XLA (_xla.py), and the choice between them: the
+lattice's forward, backward and viterbi, and on CPU the normaliser's fused forward and backward.
+
+`impl` (every public call takes it, trailing) picks the implementation: None or "auto" use the
+compiled kernels on the platforms this install has them for (`jax.lax.platform_dependent`, so that
+a lowering for any other platform, TPU say, holds no custom call of ours) and the pure-XLA
+recursion elsewhere; "ffi" requires the kernels; "xla" always takes the pure-XLA path.
 
 Every call takes lattice arrays shaped (B, T, U+1) and per-example arrays shaped (B, 1) (a
 trailing axis: the batch partitioner gathers arrays with no dimension beyond the batch). Three
-things make the calls compose with JAX's transforms:
+things make the kernel calls compose with JAX's transforms (the XLA ones do by construction):
 - vmap: mapped axes are folded into B (`custom_vmap`), so the kernels run once per call;
 - sharded jit: the targets are batch partitionable (`num_batch_dims`), and a Shardy sharding rule
   (the `xla.sdy.sharding_rule` frontend attribute) lets the batch sharding propagate through the
@@ -11,12 +16,20 @@ things make the calls compose with JAX's transforms:
 - shard_map: the results are typed as varying along the same mesh axes as the inputs.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.xla_metadata import set_xla_metadata
 
-from . import _cpu
+from . import _xla
+from ._vma import to_varying, varying_axes
+
+try:  # An install may lack the compiled kernels (built without a C++ compiler): XLA then.
+    from . import _cpu
+except ImportError:
+    _cpu = None
 
 try:  # Built only where nvcc was found at install time.
     from . import _cuda
@@ -37,26 +50,16 @@ for _name in (FORWARD, BACKWARD, VITERBI, NORM_FORWARD, NORM_BACKWARD):
     jax.ffi.register_ffi_target_as_batch_partitionable(_name)
 
 
+def has_cpu():
+    return _cpu is not None
+
+
 def has_cuda():
     return _cuda is not None
 
 
 def has_cpu_normalizer():
-    return NORM_FORWARD in _cpu.registrations()
-
-
-def varying_axes(x):
-    """The shard_map axes along which x varies (empty outside shard_map or with check_vma off)."""
-    aval = jax.typeof(x)
-    axes = getattr(aval, "vma", None)  # the attribute's name differs across jax versions
-    if axes is None:
-        axes = getattr(getattr(aval, "mat", None), "varying", ())
-    return frozenset(axes or ())
-
-
-def to_varying(x, axes):
-    missing = tuple(sorted(axes - varying_axes(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
+    return _cpu is not None and NORM_FORWARD in _cpu.registrations()
 
 
 def _sharding_rule(operands, results):
@@ -82,7 +85,7 @@ def _kernel(name, result_shapes, **attrs):
 
     def call(*args):
         results = result_shapes(*args)
-        axes = frozenset().union(*map(varying_axes, args))
+        axes = varying_axes(*args)
         args = [to_varying(a, axes) for a in args]
         metadata = {"num_batch_dims": "1", "xla.sdy.sharding_rule": _sharding_rule(args, results)}
         with set_xla_metadata(**metadata):
@@ -110,26 +113,96 @@ _forward = _kernel(FORWARD, lambda bl, em, il, ll: (_like(il, bl.dtype), _like(b
 _backward = _kernel(BACKWARD, lambda bl, em, al, co, il, ll: (_like(bl), _like(bl)))
 
 
-def forward(blank_lp, emit_lp, input_lengths, label_lengths):
-    """Costs (B, 1) and alpha (B, T, U+1) of the lattices."""
-    return _forward(blank_lp, emit_lp, input_lengths, label_lengths)
-
-
-def backward(blank_lp, emit_lp, alpha, costs, input_lengths, label_lengths):
-    """Posterior flows of the blank and label moves, (B, T, U+1) each, zero outside lattices."""
-    return _backward(blank_lp, emit_lp, alpha, costs, input_lengths, label_lengths)
-
-
 def _viterbi_results(bl, best, best_label, il, ll):
     return (_like(bl, jnp.int32, bl.shape[:1] + bl.shape[2:]), _like(bl, jnp.uint8))
 
 
-def viterbi_path(blank_lp, best_lp, best_label, input_lengths, label_lengths, fill):
+def _viterbi(fill):
+    call = _kernel(VITERBI, _viterbi_results, blank=np.int32(fill))
+    return lambda *args: call(*args)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The choice of implementation.
+
+IMPLS = ("auto", "ffi", "xla")
+
+
+def check_impl(impl):
+    """None or one of IMPLS -> one of IMPLS."""
+    if impl is None:
+        return "auto"
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl: expected None, 'auto', 'ffi' or 'xla', got {impl!r}")
+    return impl
+
+
+def kernel_platforms():
+    """The platforms (as platform_dependent names them) this install has compiled kernels for."""
+    return tuple(p for p, m in (("cpu", _cpu), ("cuda", _cuda)) if m is not None)
+
+
+def _default_platform():
+    """jax's default backend, named as platform_dependent names it."""
+    backend = jax.default_backend()
+    return "cuda" if backend == "gpu" else backend
+
+
+_warned = set()  # platforms the fallback warning was given for
+
+
+def _choose(impl, kernel, fallback):
+    """f(*args) running `kernel` or `fallback` as `impl` says.
+
+    The platform is known only at lowering; the trace-time warning (auto) and error (ffi) go by
+    jax's default backend, where computations run unless their inputs are placed elsewhere.
+    """
+    impl = check_impl(impl)
+    if impl == "xla":
+        return fallback
+    platforms = kernel_platforms()
+    platform = _default_platform()
+    if impl == "ffi":
+        if platform not in platforms:
+            raise RuntimeError(
+                f"jax_transducer: impl='ffi' needs the compiled kernels for {platform!r}, and this "
+                f"install has them for {list(platforms)}; use impl='xla' (or None) for the "
+                "pure-XLA implementation")
+        return kernel
+    if platform not in platforms and platform not in _warned:
+        _warned.add(platform)
+        warnings.warn(
+            f"jax_transducer: no compiled kernels for {platform!r} in this install; using the "
+            "pure-XLA implementation (slower on CPU and GPU). Pass impl='xla' to choose it "
+            "explicitly.", RuntimeWarning, stacklevel=2)
+    if not platforms:
+        return fallback
+    return lambda *args: jax.lax.platform_dependent(
+        *args, default=fallback, **{p: kernel for p in platforms})
+
+
+def forward(blank_lp, emit_lp, input_lengths, label_lengths, impl=None):
+    """Costs (B, 1) and alpha (B, T, U+1) of the lattices (alpha -inf outside them).
+
+    An example whose lengths do not fit the arrays (input length outside [1, T], label length
+    outside [0, U]) gets a NaN cost."""
+    return _choose(impl, _forward, _xla.forward)(blank_lp, emit_lp, input_lengths, label_lengths)
+
+
+def backward(blank_lp, emit_lp, alpha, costs, input_lengths, label_lengths, impl=None):
+    """Posterior flows of the blank and label moves, (B, T, U+1) each, zero outside lattices and
+    for invalid examples."""
+    return _choose(impl, _backward, _xla.backward)(
+        blank_lp, emit_lp, alpha, costs, input_lengths, label_lengths)
+
+
+def viterbi_path(blank_lp, best_lp, best_label, input_lengths, label_lengths, fill, impl=None):
     """best_label[b, t, u] at each label move (t, u) of the best path, per label position u:
     (B, U+1) int32, `fill` past label_length (so the last column always) and for an invalid
-    example."""
-    call = _kernel(VITERBI, _viterbi_results, blank=np.int32(fill))
-    return call(blank_lp, best_lp, best_label, input_lengths, label_lengths)[0]
+    example's whole row."""
+    fallback = lambda *args: _xla.viterbi_path(*args, fill)
+    return _choose(impl, _viterbi(fill), fallback)(
+        blank_lp, best_lp, best_label, input_lengths, label_lengths)
 
 
 def norm_forward(emissions, predictions, e_rows, p_rows, blank, with_best):

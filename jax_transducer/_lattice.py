@@ -35,23 +35,24 @@ def kernel_lengths(input_lengths, label_lengths, valid):
     return (jnp.where(valid, input_lengths, 0)[:, None], label_lengths[:, None])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def lattice_costs(blank_lp, emit_lp, input_lengths, label_lengths, fastemit_lambda=0.0):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def lattice_costs(blank_lp, emit_lp, input_lengths, label_lengths, fastemit_lambda=0.0, impl=None):
     """(B, 1) costs -log P(labels | lattice); (B, 1) int32 lengths.
 
     fastemit_lambda scales the gradient of every label move's log-probability by
-    (1 + fastemit_lambda) (FastEmit); the costs do not change.
+    (1 + fastemit_lambda) (FastEmit); the costs do not change. impl: None/"auto", "ffi" or "xla"
+    (see _ffi).
     """
-    return _ffi.forward(blank_lp, emit_lp, input_lengths, label_lengths)[0]
+    return _ffi.forward(blank_lp, emit_lp, input_lengths, label_lengths, impl)[0]
 
 
-def _lattice_costs_fwd(blank_lp, emit_lp, input_lengths, label_lengths, fastemit_lambda):
-    costs, alpha = _ffi.forward(blank_lp, emit_lp, input_lengths, label_lengths)
+def _lattice_costs_fwd(blank_lp, emit_lp, input_lengths, label_lengths, fastemit_lambda, impl):
+    costs, alpha = _ffi.forward(blank_lp, emit_lp, input_lengths, label_lengths, impl)
     return costs, (blank_lp, emit_lp, alpha, costs, input_lengths, label_lengths)
 
 
-def _lattice_costs_bwd(fastemit_lambda, residuals, g):
-    flow_blank, flow_emit = _ffi.backward(*residuals)
+def _lattice_costs_bwd(fastemit_lambda, impl, residuals, g):
+    flow_blank, flow_emit = _ffi.backward(*residuals, impl)
     # d cost / d log-prob of a move is minus its flow; invalid examples have zero flows.
     g = g[..., None]
     return -g * flow_blank, -(1 + fastemit_lambda) * g * flow_emit, None, None
@@ -68,17 +69,18 @@ def lattice_labels(labels, label_lengths, valid, blank):
 
 
 def prepare(emissions, predictions, labels, input_lengths, label_lengths, valid, blank,
-            differentiable=True, with_best=False):
+            differentiable=True, with_best=False, impl=None):
     """(blank_lp, emit_lp), the (B, T, U+1) move log-probabilities, or, with
     differentiable=False, (log_norm, blank_lp, emit_lp) and, with with_best, the best non-blank
     label's score max_{v != blank} (E[b,t,v] + P[b,u,v]); emit_lp is None if labels is None.
 
-    Padding (and every row of an invalid example) may hold anything, NaN included: the normaliser
+    impl as in `transducer_loss` ("xla" also keeps the normaliser in XLA on CPU). Padding (and
+    every row of an invalid example) may hold anything, NaN included: the normaliser
     reads those rows as zeros, the kernels never read those cells, and they get zero gradient.
     """
     rows = used_rows(input_lengths, label_lengths, valid, emissions.shape[1], predictions.shape[1])
     if labels is not None:
         labels = lattice_labels(labels, label_lengths, valid, blank)
     if differentiable:
-        return move_log_probs(emissions, predictions, labels, *rows, blank)
-    return log_norm_and_moves(emissions, predictions, labels, *rows, blank, with_best)
+        return move_log_probs(emissions, predictions, labels, *rows, blank, impl)
+    return log_norm_and_moves(emissions, predictions, labels, *rows, blank, with_best, impl)

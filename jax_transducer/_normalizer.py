@@ -35,7 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import _ffi
+from . import _ffi, _vma
 
 PRECISION = jax.lax.Precision.HIGHEST
 
@@ -124,16 +124,18 @@ def _grads_cpu(emissions, predictions, labels, e_used, p_used, max_e, max_p, w, 
                               g_blank, g_emit, labels, blank)
 
 
-def _on_platform(xla_fn, cpu_fn, dtype, **static):
-    """f(*arrays): the fused CPU kernel on CPU for float32 (where built), XLA everywhere else."""
+def _on_platform(xla_fn, cpu_fn, dtype, impl, **static):
+    """f(*arrays): the fused CPU kernel on CPU for float32 (where built, unless impl is "xla"),
+    XLA everywhere else."""
     xla_fn = functools.partial(xla_fn, **static)
-    if dtype != jnp.float32 or not _ffi.has_cpu_normalizer():
+    if dtype != jnp.float32 or impl == "xla" or not _ffi.has_cpu_normalizer():
         return xla_fn
     cpu_fn = functools.partial(cpu_fn, **static)
     return lambda *args: jax.lax.platform_dependent(*args, cpu=cpu_fn, default=xla_fn)
 
 
-def log_norm_and_moves(emissions, predictions, labels, e_used, p_used, blank, with_best=False):
+def log_norm_and_moves(emissions, predictions, labels, e_used, p_used, blank, with_best=False,
+                       impl=None):
     """The log-normaliser and the blank and label move log-probabilities, (B, T, U+1) each, in the
     scores' dtype (not differentiable: see `move_log_probs`); with with_best, also the best
     non-blank label's score max_{v != blank} (E[b, t, v] + P[b, u, v]).
@@ -142,19 +144,20 @@ def log_norm_and_moves(emissions, predictions, labels, e_used, p_used, blank, wi
     unused positions may hold anything in range), or None for no emit_lp; e_used (B, T),
     p_used (B, U+1) bool row masks.
     """
-    moves, residuals = _forward(emissions, predictions, labels, e_used, p_used, blank, with_best)
+    moves, residuals = _forward(emissions, predictions, labels, e_used, p_used, blank, with_best,
+                                impl)
     return moves + ((residuals[-1],) if with_best else ())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def move_log_probs(emissions, predictions, labels, e_used, p_used, blank):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def move_log_probs(emissions, predictions, labels, e_used, p_used, blank, impl=None):
     """(blank_lp, emit_lp), (B, T, U+1) each: differentiable in emissions and predictions.
     Arguments as in `log_norm_and_moves`."""
-    return _move_log_probs_fwd(emissions, predictions, labels, e_used, p_used, blank)[0]
+    return _move_log_probs_fwd(emissions, predictions, labels, e_used, p_used, blank, impl)[0]
 
 
-def _forward(emissions, predictions, labels, e_used, p_used, blank, with_best=False):
-    sums_fn = _on_platform(_sums_xla, _sums_cpu, emissions.dtype, blank=blank,
+def _forward(emissions, predictions, labels, e_used, p_used, blank, with_best=False, impl=None):
+    sums_fn = _on_platform(_sums_xla, _sums_cpu, emissions.dtype, impl, blank=blank,
                            with_best=with_best)
     sums, max_e, max_p, best = sums_fn(emissions, predictions, e_used, p_used)
     cell_used = e_used[:, :, None] & p_used[:, None, :]
@@ -171,20 +174,20 @@ def _forward(emissions, predictions, labels, e_used, p_used, blank, with_best=Fa
                    cell_used, inexact, best)
 
 
-def _move_log_probs_fwd(emissions, predictions, labels, e_used, p_used, blank):
+def _move_log_probs_fwd(emissions, predictions, labels, e_used, p_used, blank, impl):
     (_, blank_lp, emit_lp), residuals = _forward(emissions, predictions, labels, e_used, p_used,
-                                                 blank)
+                                                 blank, impl=impl)
     return (blank_lp, emit_lp), residuals[:-1]
 
 
-def _move_log_probs_bwd(blank, residuals, g):
+def _move_log_probs_bwd(blank, impl, residuals, g):
     (emissions, predictions, labels, e_used, p_used, max_e, max_p, sums, log_norm, cell_used,
      inexact) = residuals
     # Cells outside the used rows get no gradient, whatever their cotangent holds.
     g_blank, g_emit = (jnp.where(cell_used, x, 0) for x in g)
     g_norm = -(g_blank + g_emit)
     w = jnp.where(cell_used & ~inexact, g_norm / sums, 0)
-    grads_fn = _on_platform(_grads_xla, _grads_cpu, emissions.dtype, blank=blank)
+    grads_fn = _on_platform(_grads_xla, _grads_cpu, emissions.dtype, impl, blank=blank)
     d_e, d_p = grads_fn(emissions, predictions, labels, e_used, p_used, max_e, max_p, w, g_blank,
                         g_emit)
 
@@ -225,8 +228,8 @@ def _scan_frames(e, p, e_used, per_frame, step, init):
         return step(carry, start + jnp.arange(c) >= i * c, (e_c, *map(chunk, per_frame)))
 
     # Under shard_map the carry varies along the inputs' mesh axes from the first step on.
-    axes = frozenset().union(*map(_ffi.varying_axes, (e, p, e_used, *per_frame)))
-    init = jax.tree.map(lambda x: _ffi.to_varying(x, axes), init)
+    axes = _vma.varying_axes(e, p, e_used, *per_frame)
+    init = jax.tree.map(lambda x: _vma.to_varying(x, axes), init)
     carry, out = jax.lax.scan(body, init, jnp.arange(n))  # out: (n, B, c, ...)
     out = jnp.moveaxis(out, 0, 1)
     last = out[:, n - 1, n * c - T:]  # the last chunk's fresh frames, at its end

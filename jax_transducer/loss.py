@@ -5,14 +5,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import _checks
+from . import _checks, _ffi
 from ._lattice import delay_penalized, kernel_lengths, lattice_costs, prepare
 
 REDUCTIONS = ("none", "sum", "mean")
 
 
 def transducer_loss(emissions, predictions, labels, input_lengths, label_lengths, blank=0,
-                    reduction="none", fastemit_lambda=0.0, delay_penalty=0.0):
+                    reduction="none", fastemit_lambda=0.0, delay_penalty=0.0, impl=None):
     """RNN-Transducer loss with the additive joiner logits[b,t,u,:] = emissions[b,t,:] + predictions[b,u,:].
 
     Args:
@@ -30,6 +30,13 @@ def transducer_loss(emissions, predictions, labels, input_lengths, label_lengths
       delay_penalty: Python float, k2's delay penalty: every label move at frame t of example b
         gains delay_penalty * ((input_lengths[b] - 1) / 2 - t) in log space (positive values
         favour earlier emissions). Costs and gradients are those of that modified lattice.
+      impl: which implementation runs the lattice recursions. None or "auto": the compiled kernels
+        on the platforms this install has them for (CPU, and CUDA when built with nvcc), the
+        pure-XLA recursion elsewhere (TPU, or an install without kernels), with a one-time
+        RuntimeWarning when jax's default backend has no kernels. "ffi": the kernels only
+        (RuntimeError at trace time when the default backend has none). "xla": the pure-XLA
+        recursion everywhere: the same results (float32 ones within float32 roundings: the CPU
+        kernels accumulate in double), slower where kernels exist.
 
     Returns:
       Costs in float32 (float64 for float64 inputs): bfloat16 and float16 inputs are widened to
@@ -54,24 +61,25 @@ def transducer_loss(emissions, predictions, labels, input_lengths, label_lengths
     blank = _checks.check_blank(blank, dims[3])
     input_lengths, label_lengths = _checks.check_lengths(input_lengths, label_lengths, dims)
     labels = _checks.check_labels(labels, label_lengths, dims)
+    impl = _ffi.check_impl(impl)
     return _costs(emissions, predictions, labels, input_lengths, label_lengths, blank, reduction,
-                  fastemit_lambda, delay_penalty)
+                  fastemit_lambda, delay_penalty, impl)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
 def _costs(emissions, predictions, labels, input_lengths, label_lengths, blank, reduction,
-           fastemit_lambda, delay_penalty):
+           fastemit_lambda, delay_penalty, impl):
     # Jitted so that eager calls compile once per shape instead of dispatching op by op.
     dims = _checks.dims_of(emissions, predictions)
     dtype = _checks.compute_dtype(emissions.dtype)
     emissions, predictions = emissions.astype(dtype), predictions.astype(dtype)
     valid = _checks.valid_examples(input_lengths, label_lengths, dims, labels)
     blank_lp, emit_lp = prepare(emissions, predictions, labels, input_lengths, label_lengths,
-                                valid, blank)
+                                valid, blank, impl=impl)
     emit_lp = delay_penalized(emit_lp, input_lengths, delay_penalty)
 
     costs = lattice_costs(blank_lp, emit_lp, *kernel_lengths(input_lengths, label_lengths, valid),
-                          fastemit_lambda)
+                          fastemit_lambda, impl)
     costs = costs[:, 0]
     if reduction == "sum":
         return costs.sum()
@@ -84,11 +92,13 @@ class TransducerLoss:
     """The loss and viterbi with fixed `blank` and `reduction`, shaped like the original C++/PyTorch
     transducer package's object: `loss(emissions, predictions, labels, input_lengths,
     label_lengths)` (also `.apply(...)`) and `.viterbi(emissions, predictions, input_lengths,
-    label_lengths)`."""
+    label_lengths)`. `impl` as in `transducer_loss`, for both."""
 
-    def __init__(self, blank=0, reduction="none", fastemit_lambda=0.0, delay_penalty=0.0):
+    def __init__(self, blank=0, reduction="none", fastemit_lambda=0.0, delay_penalty=0.0,
+                 impl=None):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        self.impl = _ffi.check_impl(impl)
         self.blank = blank
         self.reduction = reduction
         self.fastemit_lambda = fastemit_lambda
@@ -98,13 +108,15 @@ class TransducerLoss:
         return transducer_loss(emissions, predictions, labels, input_lengths, label_lengths,
                                blank=self.blank, reduction=self.reduction,
                                fastemit_lambda=self.fastemit_lambda,
-                               delay_penalty=self.delay_penalty)
+                               delay_penalty=self.delay_penalty, impl=self.impl)
 
     apply = __call__
 
     def viterbi(self, emissions, predictions, input_lengths, label_lengths):
         from .viterbi import viterbi
-        return viterbi(emissions, predictions, input_lengths, label_lengths, blank=self.blank)
+        return viterbi(emissions, predictions, input_lengths, label_lengths, blank=self.blank,
+                       impl=self.impl)
 
     def __repr__(self):
-        return f"TransducerLoss(blank={self.blank}, reduction={self.reduction!r})"
+        impl = "" if self.impl == "auto" else f", impl={self.impl!r}"
+        return f"TransducerLoss(blank={self.blank}, reduction={self.reduction!r}{impl})"

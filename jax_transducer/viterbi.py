@@ -9,7 +9,7 @@ from . import _checks, _ffi
 from ._lattice import kernel_lengths, prepare
 
 
-def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0):
+def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0, impl=None):
     """Labels along the best path of the lattice, with each label move taking the best non-blank label.
 
     Args:
@@ -17,6 +17,9 @@ def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0):
         least); predictions: (B, U+1, V), same dtype.
       input_lengths: (B,) integers in [1, T]; label_lengths: (B,) integers in [0, U].
       blank: Python int in [0, V).
+      impl: None or "auto" (the compiled kernels where this install has them for the platform,
+        else the pure-XLA recursion with a one-time warning), "ffi" (the kernels; RuntimeError
+        when the default backend has none) or "xla" (the pure-XLA recursion, same results).
 
     Returns:
       (B, U) int32. A label move at lattice node (t, u) scores the best non-blank label there
@@ -34,11 +37,12 @@ def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0):
     emissions, predictions, dims = _checks.check_scores(emissions, predictions)
     blank = _checks.check_blank(blank, dims[3])
     input_lengths, label_lengths = _checks.check_lengths(input_lengths, label_lengths, dims)
-    return _viterbi(emissions, predictions, input_lengths, label_lengths, blank)
+    impl = _ffi.check_impl(impl)
+    return _viterbi(emissions, predictions, input_lengths, label_lengths, blank, impl)
 
 
-@functools.partial(jax.jit, static_argnums=4)
-def _viterbi(emissions, predictions, input_lengths, label_lengths, blank):
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _viterbi(emissions, predictions, input_lengths, label_lengths, blank, impl):
     dims = _checks.dims_of(emissions, predictions)
     valid = _checks.valid_examples(input_lengths, label_lengths, dims)
     dtype = _checks.compute_dtype(emissions.dtype)
@@ -46,14 +50,15 @@ def _viterbi(emissions, predictions, input_lengths, label_lengths, blank):
 
     log_norm, blank_lp, _, best = prepare(emissions, predictions, None, input_lengths,
                                           label_lengths, valid, blank, differentiable=False,
-                                          with_best=True)
+                                          with_best=True, impl=impl)
     # The lattice kernel finds the best path's label moves and reports, per label position, the
     # frame of that move (-1 past label_length): its per-cell "label" is the frame index. Only
     # those U cells then need their argmax over V.
     B, T, U1 = blank_lp.shape
     frames = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :, None], (B, T, U1))
     frame = _ffi.viterbi_path(blank_lp, best - log_norm, frames,
-                              *kernel_lengths(input_lengths, label_lengths, valid), -1)[:, :U1 - 1]
+                              *kernel_lengths(input_lengths, label_lengths, valid), -1,
+                              impl)[:, :U1 - 1]
     rows = jnp.take_along_axis(emissions, jnp.maximum(frame, 0)[..., None], axis=1)  # (B, U, V)
     scores = rows + predictions[:, :U1 - 1]
     scores = jnp.where(jnp.arange(scores.shape[-1]) == blank, -jnp.inf, scores)
