@@ -99,8 +99,9 @@ def test_the_kernels_run_on_each_device_s_rows_and_nothing_is_gathered(runs):
     for run in runs:
         assert run["hlo_all-gather"] == run["hlo_all-to-all"] == run["hlo_collective-permute"] == 0
         assert run["hlo_all-reduce"] > 0  # the gradients are summed across devices
-        # forward, backward, viterbi and best labels, each on B / devices examples
-        assert len(run["kernel_batch"]) == 4
+        # forward, backward and viterbi (float64: the normaliser is XLA's), each on B / devices
+        # examples
+        assert len(run["kernel_batch"]) == 3
         np.testing.assert_array_equal(run["kernel_batch"], worker.B // run["devices"])
 
 
