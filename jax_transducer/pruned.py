@@ -64,8 +64,9 @@ def prune_ranges(emissions, predictions, labels, input_lengths, label_lengths, s
     How: the additive lattice's posterior flows (the negated gradients of its cost w.r.t. the
     blank and label log-probabilities) score each candidate start s of frame t as
         sum_{s <= u < s + s_range} flow_blank[t, u] - flow_emit[t, s - 1],
-    the probability that the best-covered path leaves frame t inside the window, minus that it
-    entered it from below (k2's score). The argmax (ties to the lowest s) over
+    the posterior probability that the path leaves frame t (by its blank move) from inside the
+    window, minus the probability that it enters the window from below during frame t (the
+    label move (t, s-1) -> (t, s)): k2's score. The argmax (ties to the lowest s) over
     s in [0, max(0, U+1-s_range)] is then adjusted as k2 does: frames t >= T_b - 1 are set to
     F_b = max(0, U_b + 1 - s_range) (so the last window ends at U_b); a running minimum from the
     end makes the starts non-decreasing; the smallest raise that keeps consecutive windows
@@ -146,6 +147,9 @@ def ranges_valid(ranges, input_lengths, label_lengths, s_range):
             & (last <= label_lengths) & (label_lengths <= last + s_range - 1))
 
 
+_ranges_valid_jit = jax.jit(ranges_valid, static_argnums=3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Joiner inputs on the windows.
 
@@ -171,12 +175,15 @@ def prune_joiner_inputs(encoder_out, decoder_out, ranges, s_range):
         raise ValueError(f"decoder_out: expected shape ({B}, U+1 >= 1, D), got "
                          f"{decoder_out.shape}")
     ranges = _checks.check_int_array("ranges", ranges, (B, T))
-    s_range = _check_s_range(s_range)
+    return _prune_joiner_inputs(encoder_out, decoder_out, ranges, _check_s_range(s_range))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _prune_joiner_inputs(encoder_out, decoder_out, ranges, s_range):
+    B, T, D = encoder_out.shape
     u = jnp.clip(ranges[:, :, None] + jnp.arange(s_range), 0, decoder_out.shape[1] - 1)
     decoder = jax.vmap(lambda rows, index: rows[index])(decoder_out, u)
-    encoder = jnp.broadcast_to(encoder_out[:, :, None, :],
-                               (B, T, s_range, encoder_out.shape[2]))
-    return encoder, decoder
+    return jnp.broadcast_to(encoder_out[:, :, None, :], (B, T, s_range, D)), decoder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +241,7 @@ def _check_ranges_values(ranges, input_lengths, label_lengths, s_range):
     values = [_checks.concrete(x) for x in (ranges, input_lengths, label_lengths)]
     if any(v is None for v in values) or not values[0].size:
         return
-    ok = np.asarray(ranges_valid(*map(jnp.asarray, values), s_range))
+    ok = np.asarray(_ranges_valid_jit(*values, s_range))
     if not ok.all():
         b = int(np.flatnonzero(~ok)[0])
         raise ValueError(

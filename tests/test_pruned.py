@@ -236,6 +236,7 @@ def test_pruned_cost_is_never_below_the_full_cost(device, S, dtype):
     args = put(device, E, P, labels, in_len, lab_len)
     ranges = jt.prune_ranges(*args, S)
 
+    @jax.jit
     def pruned(e, p):
         enc, dec = jt.prune_joiner_inputs(e, p, ranges, S)
         return jt.pruned_transducer_loss(enc + dec, ranges, *args[2:])
