@@ -100,6 +100,21 @@ def test_prune_ranges_guarantees(device, case, S):
         assert (np.asarray(ranges) == 0).all()
 
 
+@pytest.mark.parametrize("S", [1, 2, 3, 6])
+def test_window_adjustment_holds_for_any_scores(S):
+    # The adjustment alone, on arbitrary (non-lattice) flows whose argmax jumps up and down.
+    from jax_transducer.pruned import windows
+    rng = np.random.default_rng(S)
+    B, T, U = 64, 9, 7
+    flow_blank, flow_emit = rng.uniform(size=(2, B, T, U + 1)) ** 4
+    in_len = rng.integers(1, T + 1, size=B).astype(np.int32)
+    lab_len = rng.integers(0, U + 1, size=B).astype(np.int32)
+    ranges = windows(flow_blank, flow_emit, in_len, lab_len, np.ones(B, bool), S)
+    possible = lab_len <= (S - 1) * in_len
+    assert possible.sum() >= 4
+    check_guarantees(np.asarray(ranges)[possible], in_len[possible], lab_len[possible], U, S)
+
+
 def test_prune_ranges_follow_the_lattice_and_keep_its_mass(device):
     # A peaked additive lattice: label u is emitted at frame f[u] by a margin of 5 nats per move.
     T, U, V, S = 30, 10, 12, 4
@@ -296,3 +311,22 @@ def test_jit_and_vmap(device):
     got = jax.jit(jax.vmap(loss))(*put(device, *stacked))
     want = loss(*put(device, E, P, labels, in_len, lab_len))
     np.testing.assert_allclose(np.asarray(got), np.stack([want, want[::-1]]), rtol=1e-12)
+
+
+def test_memory_scales_with_s_range_not_with_u():
+    # Loss + gradient of a pruned joiner: O(B*T*s_range*V) (plus the simple loss normaliser's
+    # bounded 2^20-logit chunk), far below one (B, T, U+1, V) buffer.
+    B, T, U, V, S = 2, 128, 64, 512, 4
+    labels = jnp.ones((B, U), jnp.int32)
+    lens = (jnp.full((B,), T, jnp.int32), jnp.full((B,), U, jnp.int32))
+    shapes = (jax.ShapeDtypeStruct((B, T, V), jnp.float32),
+              jax.ShapeDtypeStruct((B, U + 1, V), jnp.float32))
+
+    def loss(e, p):
+        ranges = jt.prune_ranges(e, p, labels, *lens, S)
+        enc, dec = jt.prune_joiner_inputs(e, p, ranges, S)
+        return jt.pruned_transducer_loss(jnp.tanh(enc + dec), ranges, labels, *lens).sum()
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    temp = step.lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 0.3 * B * T * (U + 1) * V * 4
