@@ -133,21 +133,18 @@ def windows(flow_blank, flow_emit, input_lengths, label_lengths, valid, s_range)
     return jnp.where(valid[:, None], r, 0)
 
 
-def ranges_valid(ranges, input_lengths, label_lengths, s_range):
+def ranges_valid(ranges, input_lengths, label_lengths, s_range, xp=jnp):
     """(B,) bool: whether the windows of each example hold a path from (0, 0) to
     (T_b - 1, U_b) (the constraints listed in `pruned_transducer_loss`). Lengths must be valid
-    for the answer to mean anything."""
+    for the answer to mean anything. xp=np checks concrete values without tracing."""
     B, T = ranges.shape
-    t = jnp.arange(T)
+    t = xp.arange(T)
     step = ranges[:, 1:] - ranges[:, :-1]
     pairs = t[1:] < input_lengths[:, None]
-    last = jnp.take_along_axis(ranges, jnp.clip(input_lengths - 1, 0, T - 1)[:, None], 1)[:, 0]
+    last = xp.take_along_axis(ranges, xp.clip(input_lengths - 1, 0, T - 1)[:, None], 1)[:, 0]
     return ((ranges[:, 0] == 0)
-            & jnp.all(~pairs | ((step >= 0) & (step <= s_range - 1)), axis=1)
+            & xp.all(~pairs | ((step >= 0) & (step <= s_range - 1)), axis=1)
             & (last <= label_lengths) & (label_lengths <= last + s_range - 1))
-
-
-_ranges_valid_jit = jax.jit(ranges_valid, static_argnums=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +238,7 @@ def _check_ranges_values(ranges, input_lengths, label_lengths, s_range):
     values = [_checks.concrete(x) for x in (ranges, input_lengths, label_lengths)]
     if any(v is None for v in values) or not values[0].size:
         return
-    ok = np.asarray(_ranges_valid_jit(*values, s_range))
+    ok = ranges_valid(*(v.astype(np.int64) for v in values), s_range, xp=np)
     if not ok.all():
         b = int(np.flatnonzero(~ok)[0])
         raise ValueError(
