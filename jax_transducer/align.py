@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks, _ffi
-from ._lattice import kernel_lengths, label_log_probs, padded_labels, prepare
+from ._lattice import kernel_lengths, prepare
 from .logits import full_lattice_log_probs
 
 FILL = -1  # the frame reported for label positions >= label_length, and for invalid examples
@@ -75,10 +75,8 @@ def _align(emissions, predictions, labels, input_lengths, label_lengths, blank):
     dtype = _checks.compute_dtype(emissions.dtype)
     emissions, predictions = jax.lax.stop_gradient(
         (emissions.astype(dtype), predictions.astype(dtype)))
-    log_norm, blank_lp = prepare(emissions, predictions, input_lengths, label_lengths, valid,
-                                 blank)
-    emit_lp = label_log_probs(emissions, predictions, log_norm,
-                              padded_labels(labels, label_lengths, valid, blank))
+    _, blank_lp, emit_lp = prepare(emissions, predictions, labels, input_lengths, label_lengths,
+                                   valid, blank, differentiable=False)
     return _frames(blank_lp, emit_lp, input_lengths, label_lengths, valid)
 
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
-from ._lattice import (delay_penalized, kernel_lengths, lattice_costs, padded_labels,
+from ._lattice import (delay_penalized, kernel_lengths, lattice_costs, lattice_labels,
                        used_rows)
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -128,7 +128,7 @@ def full_lattice_log_probs(logits, labels, input_lengths, label_lengths, valid, 
     """(B, T, U+1) blank and label log-probabilities of full logits (B, T, U+1, V)."""
     B, T, U1, _ = logits.shape
     t_used, u_used = used_rows(input_lengths, label_lengths, valid, T, U1)
-    safe = padded_labels(labels, label_lengths, valid, blank)
+    safe = lattice_labels(labels, label_lengths, valid, blank)
     index = jnp.broadcast_to(safe[:, None, :], (B, T, U1))
     return cell_log_probs(logits, index, t_used[:, :, None] & u_used[:, None, :], blank)
 

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks, _ffi
-from ._lattice import (delay_penalized, kernel_lengths, label_log_probs, lattice_costs,
-                       padded_labels, prepare)
+from ._lattice import (delay_penalized, kernel_lengths, lattice_costs, lattice_labels,
+                       prepare)
 from .logits import cell_log_probs, check_options, reduce_costs
 
 
@@ -102,10 +102,8 @@ def _prune_ranges(emissions, predictions, labels, input_lengths, label_lengths, 
     dtype = _checks.compute_dtype(emissions.dtype)
     emissions, predictions = jax.lax.stop_gradient(
         (emissions.astype(dtype), predictions.astype(dtype)))
-    log_norm, blank_lp = prepare(emissions, predictions, input_lengths, label_lengths, valid,
-                                 blank)
-    emit_lp = label_log_probs(emissions, predictions, log_norm,
-                              padded_labels(labels, label_lengths, valid, blank))
+    _, blank_lp, emit_lp = prepare(emissions, predictions, labels, input_lengths, label_lengths,
+                                   valid, blank, differentiable=False)
     lengths = kernel_lengths(input_lengths, label_lengths, valid)
     costs, alpha = _ffi.forward(blank_lp, emit_lp, *lengths)
     flow_blank, flow_emit = _ffi.backward(blank_lp, emit_lp, alpha, costs, *lengths)
@@ -255,7 +253,7 @@ def _pruned_costs(logits, ranges, labels, input_lengths, label_lengths, blank, r
     U = labels.shape[1]
     valid = (_checks.valid_examples(input_lengths, label_lengths, (B, T, U, V), labels)
              & ranges_valid(ranges, input_lengths, label_lengths, S))
-    safe = padded_labels(labels, label_lengths, valid, blank)  # (B, U+1)
+    safe = lattice_labels(labels, label_lengths, valid, blank)  # (B, U+1)
 
     # Window cells (t, k) are nodes u = ranges[t] + k.
     u = ranges[:, :, None] + jnp.arange(S)
