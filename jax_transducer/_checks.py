@@ -17,7 +17,7 @@ def _shape_error(name, expected, actual):
     return ValueError(f"{name}: expected shape {expected}, got {tuple(actual)}")
 
 
-def _concrete(x):
+def concrete(x):
     """The value of x as a NumPy array, or None while it is traced."""
     try:
         return np.asarray(x)
@@ -34,15 +34,21 @@ def _as_int32(name, x, ndim):
     return x.astype(jnp.int32)
 
 
+def check_float_array(name, x, ndim):
+    """x as an array of one of FLOAT_DTYPES and rank ndim (TypeError / ValueError otherwise)."""
+    x = jnp.asarray(x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float32, float64, bfloat16 or float16, got dtype "
+                        f"{x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name}: expected rank {ndim}, got shape {x.shape}")
+    return x
+
+
 def check_scores(emissions, predictions):
     """Checks the float inputs; returns them as arrays and (B, T, U, V)."""
-    emissions, predictions = jnp.asarray(emissions), jnp.asarray(predictions)
-    for name, x in (("emissions", emissions), ("predictions", predictions)):
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}: expected float32, float64, bfloat16 or float16, got dtype "
-                            f"{x.dtype}")
-        if x.ndim != 3:
-            raise ValueError(f"{name}: expected rank 3, got shape {x.shape}")
+    emissions = check_float_array("emissions", emissions, 3)
+    predictions = check_float_array("predictions", predictions, 3)
     if emissions.dtype != predictions.dtype:
         raise TypeError(f"predictions: expected dtype {emissions.dtype} (as emissions), "
                         f"got {predictions.dtype}")
@@ -52,6 +58,23 @@ def check_scores(emissions, predictions):
     if T < 1 or V < 1:
         raise _shape_error("emissions", "(B, T >= 1, V >= 1)", emissions.shape)
     return emissions, predictions, dims_of(emissions, predictions)
+
+
+def check_logits(logits):
+    """Checks full joiner logits (B, T, U+1, V); returns them as an array and (B, T, U, V)."""
+    logits = check_float_array("logits", logits, 4)
+    B, T, U1, V = logits.shape
+    if T < 1 or U1 < 1 or V < 1:
+        raise _shape_error("logits", "(B, T >= 1, U+1 >= 1, V >= 1)", logits.shape)
+    return logits, (B, T, U1 - 1, V)
+
+
+def check_int_array(name, x, shape):
+    """x as an int32 array of the given shape (TypeError / ValueError otherwise)."""
+    x = _as_int32(name, x, len(shape))
+    if x.shape != tuple(shape):
+        raise _shape_error(name, tuple(shape), x.shape)
+    return x
 
 
 def dims_of(emissions, predictions):
@@ -96,7 +119,7 @@ def check_lengths(input_lengths, label_lengths, dims):
             raise _shape_error(name, (B,), x.shape)
     for name, x, lo, hi in (("input_lengths", input_lengths, 1, T),
                             ("label_lengths", label_lengths, 0, U)):
-        value = _concrete(x)
+        value = concrete(x)
         if value is not None and value.size and not ((value >= lo) & (value <= hi)).all():
             bad = int(np.flatnonzero((value < lo) | (value > hi))[0])
             raise ValueError(f"{name}: expected values in [{lo}, {hi}], got {value[bad]} "
@@ -109,7 +132,7 @@ def check_labels(labels, label_lengths, dims):
     labels = _as_int32("labels", labels, 2)
     if labels.shape != (B, U):
         raise _shape_error("labels", f"({B}, {U}) (U from predictions' U+1)", labels.shape)
-    value, lengths = _concrete(labels), _concrete(label_lengths)
+    value, lengths = concrete(labels), concrete(label_lengths)
     if value is not None and lengths is not None:
         used = np.arange(U)[None, :] < lengths[:, None]
         bad = used & ((value < 0) | (value >= V))
