@@ -34,66 +34,70 @@ _SEMANTICS = """
 """
 
 
-def align(emissions, predictions, labels, input_lengths, label_lengths, blank=0):
+def align(emissions, predictions, labels, input_lengths, label_lengths, blank=0, impl=None):
     """Forced alignment of the additive joiner logits[b,t,u,:] = emissions[b,t,:] + predictions[b,u,:].
 
     Args:
       emissions (B, T, V), predictions (B, U+1, V): float32, float64, bfloat16 or float16
         (computed in float32 at least); labels (B, U), input_lengths (B,) in [1, T],
         label_lengths (B,) in [0, U]: integers; blank: Python int in [0, V).
+      impl: None/"auto", "ffi" or "xla": which implementation runs the lattice, as in
+        `transducer_loss`.
     """
     emissions, predictions, dims = _checks.check_scores(emissions, predictions)
     blank = _checks.check_blank(blank, dims[3])
     input_lengths, label_lengths = _checks.check_lengths(input_lengths, label_lengths, dims)
     labels = _checks.check_labels(labels, label_lengths, dims)
-    return _align(emissions, predictions, labels, input_lengths, label_lengths, blank)
+    return _align(emissions, predictions, labels, input_lengths, label_lengths, blank,
+                  _ffi.check_impl(impl))
 
 
-def align_from_logits(logits, labels, input_lengths, label_lengths, blank=0):
+def align_from_logits(logits, labels, input_lengths, label_lengths, blank=0, impl=None):
     """Forced alignment of any joiner, from its full logits (B, T, U+1, V).
 
     Args:
       logits: (B, T, U+1, V) float32, float64, bfloat16 or float16 joiner scores (as in
-        `transducer_loss_from_logits`); labels, input_lengths, label_lengths, blank: as in
+        `transducer_loss_from_logits`); labels, input_lengths, label_lengths, blank, impl: as in
         `align`.
     """
     logits, dims = _checks.check_logits(logits)
     blank = _checks.check_blank(blank, dims[3])
     input_lengths, label_lengths = _checks.check_lengths(input_lengths, label_lengths, dims)
     labels = _checks.check_labels(labels, label_lengths, dims)
-    return _align_from_logits(logits, labels, input_lengths, label_lengths, blank)
+    return _align_from_logits(logits, labels, input_lengths, label_lengths, blank,
+                              _ffi.check_impl(impl))
 
 
 align.__doc__ += _SEMANTICS
 align_from_logits.__doc__ += _SEMANTICS
 
 
-@functools.partial(jax.jit, static_argnums=5)
-def _align(emissions, predictions, labels, input_lengths, label_lengths, blank):
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _align(emissions, predictions, labels, input_lengths, label_lengths, blank, impl):
     dims = _checks.dims_of(emissions, predictions)
     valid = _checks.valid_examples(input_lengths, label_lengths, dims, labels)
     dtype = _checks.compute_dtype(emissions.dtype)
     emissions, predictions = jax.lax.stop_gradient(
         (emissions.astype(dtype), predictions.astype(dtype)))
     _, blank_lp, emit_lp = prepare(emissions, predictions, labels, input_lengths, label_lengths,
-                                   valid, blank, differentiable=False)
-    return _frames(blank_lp, emit_lp, input_lengths, label_lengths, valid)
+                                   valid, blank, differentiable=False, impl=impl)
+    return _frames(blank_lp, emit_lp, input_lengths, label_lengths, valid, impl)
 
 
-@functools.partial(jax.jit, static_argnums=4)
-def _align_from_logits(logits, labels, input_lengths, label_lengths, blank):
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _align_from_logits(logits, labels, input_lengths, label_lengths, blank, impl):
     B, T, U1, V = logits.shape
     valid = _checks.valid_examples(input_lengths, label_lengths, (B, T, U1 - 1, V), labels)
     blank_lp, emit_lp = full_lattice_log_probs(jax.lax.stop_gradient(logits), labels,
                                                input_lengths, label_lengths, valid, blank)
-    return _frames(blank_lp, emit_lp, input_lengths, label_lengths, valid)
+    return _frames(blank_lp, emit_lp, input_lengths, label_lengths, valid, impl)
 
 
-def _frames(blank_lp, emit_lp, input_lengths, label_lengths, valid):
+def _frames(blank_lp, emit_lp, input_lengths, label_lengths, valid, impl):
     """The viterbi kernel with the label move of (t, u) scored by emit_lp and "labelled" t: the
     labels it reports along the best path are the frames of its label moves."""
     B, T, U1 = blank_lp.shape
     frame = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :, None], (B, T, U1))
     path = _ffi.viterbi_path(blank_lp, emit_lp, frame,
-                             *kernel_lengths(input_lengths, label_lengths, valid), FILL)
+                             *kernel_lengths(input_lengths, label_lengths, valid), FILL, impl)
     return path[:, :U1 - 1]

@@ -5,7 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import _checks
+from . import _checks, _ffi
 from ._lattice import (delay_penalized, kernel_lengths, lattice_costs, lattice_labels,
                        used_rows)
 
@@ -88,7 +88,8 @@ def check_options(reduction, fastemit_lambda, delay_penalty):
 
 
 def transducer_loss_from_logits(logits, labels, input_lengths, label_lengths, blank=0,
-                                reduction="none", fastemit_lambda=0.0, delay_penalty=0.0):
+                                reduction="none", fastemit_lambda=0.0, delay_penalty=0.0,
+                                impl=None):
     """RNN-Transducer loss of any joiner network, from its full logits.
 
     Args:
@@ -96,7 +97,7 @@ def transducer_loss_from_logits(logits, labels, input_lengths, label_lengths, bl
         logits[b, t, u] scores the next symbol after frame t and the first u labels.
       labels: (B, U) integer targets (converted to int32).
       input_lengths: (B,) integers in [1, T]; label_lengths: (B,) integers in [0, U].
-      blank, reduction, fastemit_lambda, delay_penalty: as in `transducer_loss`.
+      blank, reduction, fastemit_lambda, delay_penalty, impl: as in `transducer_loss`.
 
     Returns:
       As `transducer_loss`: (B,) costs (a scalar for "sum"/"mean"), float32 (float64 for float64
@@ -121,7 +122,7 @@ def transducer_loss_from_logits(logits, labels, input_lengths, label_lengths, bl
     input_lengths, label_lengths = _checks.check_lengths(input_lengths, label_lengths, dims)
     labels = _checks.check_labels(labels, label_lengths, dims)
     return _costs(logits, labels, input_lengths, label_lengths, blank, reduction,
-                  fastemit_lambda, delay_penalty)
+                  fastemit_lambda, delay_penalty, _ffi.check_impl(impl))
 
 
 def full_lattice_log_probs(logits, labels, input_lengths, label_lengths, valid, blank):
@@ -133,14 +134,14 @@ def full_lattice_log_probs(logits, labels, input_lengths, label_lengths, valid, 
     return cell_log_probs(logits, index, t_used[:, :, None] & u_used[:, None, :], blank)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
 def _costs(logits, labels, input_lengths, label_lengths, blank, reduction, fastemit_lambda,
-           delay_penalty):
+           delay_penalty, impl):
     B, T, U1, V = logits.shape
     valid = _checks.valid_examples(input_lengths, label_lengths, (B, T, U1 - 1, V), labels)
     blank_lp, emit_lp = full_lattice_log_probs(logits, labels, input_lengths, label_lengths,
                                                valid, blank)
     emit_lp = delay_penalized(emit_lp, input_lengths, delay_penalty)
     costs = lattice_costs(blank_lp, emit_lp, *kernel_lengths(input_lengths, label_lengths, valid),
-                          fastemit_lambda)
+                          fastemit_lambda, impl)
     return reduce_costs(costs[:, 0], reduction)

@@ -47,7 +47,8 @@ def _check_s_range(s_range):
 # ---------------------------------------------------------------------------------------------
 # Windows from the additive lattice.
 
-def prune_ranges(emissions, predictions, labels, input_lengths, label_lengths, s_range, blank=0):
+def prune_ranges(emissions, predictions, labels, input_lengths, label_lengths, s_range, blank=0,
+                 impl=None):
     """Per frame, the first of s_range consecutive label positions that the pruned loss keeps.
 
     Args:
@@ -56,6 +57,8 @@ def prune_ranges(emissions, predictions, labels, input_lengths, label_lengths, s
         `transducer_loss` (same checks).
       s_range: Python int >= 1, the window width (k2's s_range; k2 requires >= 2, since a window of
         one position can only cover an example without labels).
+      impl: None/"auto", "ffi" or "xla": which implementation runs the lattice, as in
+        `transducer_loss`.
 
     Returns:
       ranges (B, T) int32: frame t of example b keeps the nodes (t, u) with
@@ -92,21 +95,22 @@ def prune_ranges(emissions, predictions, labels, input_lengths, label_lengths, s
     input_lengths, label_lengths = _checks.check_lengths(input_lengths, label_lengths, dims)
     labels = _checks.check_labels(labels, label_lengths, dims)
     return _prune_ranges(emissions, predictions, labels, input_lengths, label_lengths, s_range,
-                         blank)
+                         blank, _ffi.check_impl(impl))
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6))
-def _prune_ranges(emissions, predictions, labels, input_lengths, label_lengths, s_range, blank):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _prune_ranges(emissions, predictions, labels, input_lengths, label_lengths, s_range, blank,
+                  impl):
     dims = _checks.dims_of(emissions, predictions)
     valid = _checks.valid_examples(input_lengths, label_lengths, dims, labels)
     dtype = _checks.compute_dtype(emissions.dtype)
     emissions, predictions = jax.lax.stop_gradient(
         (emissions.astype(dtype), predictions.astype(dtype)))
     _, blank_lp, emit_lp = prepare(emissions, predictions, labels, input_lengths, label_lengths,
-                                   valid, blank, differentiable=False)
+                                   valid, blank, differentiable=False, impl=impl)
     lengths = kernel_lengths(input_lengths, label_lengths, valid)
-    costs, alpha = _ffi.forward(blank_lp, emit_lp, *lengths)
-    flow_blank, flow_emit = _ffi.backward(blank_lp, emit_lp, alpha, costs, *lengths)
+    costs, alpha = _ffi.forward(blank_lp, emit_lp, *lengths, impl)
+    flow_blank, flow_emit = _ffi.backward(blank_lp, emit_lp, alpha, costs, *lengths, impl)
     return windows(flow_blank, flow_emit, input_lengths, label_lengths, valid, s_range)
 
 
@@ -185,7 +189,7 @@ def _prune_joiner_inputs(encoder_out, decoder_out, ranges, s_range):
 # The pruned loss.
 
 def pruned_transducer_loss(logits, ranges, labels, input_lengths, label_lengths, blank=0,
-                           reduction="none", fastemit_lambda=0.0, delay_penalty=0.0):
+                           reduction="none", fastemit_lambda=0.0, delay_penalty=0.0, impl=None):
     """RNN-T loss of the lattice restricted to windows of s_range label positions per frame.
 
     Args:
@@ -193,7 +197,7 @@ def pruned_transducer_loss(logits, ranges, labels, input_lengths, label_lengths,
         float16; computed in float32 at least): logits[b, t, k] scores node (t, ranges[b, t] + k).
       ranges: (B, T) integer window starts, e.g. from `prune_ranges`.
       labels: (B, U) integer targets; input_lengths (B,) in [1, T]; label_lengths (B,) in [0, U].
-      blank, reduction, fastemit_lambda, delay_penalty: as in `transducer_loss`.
+      blank, reduction, fastemit_lambda, delay_penalty, impl: as in `transducer_loss`.
 
     Returns:
       As `transducer_loss`. The lattice is the full (T_b, U_b + 1) one, with the log-softmax of
@@ -229,7 +233,7 @@ def pruned_transducer_loss(logits, ranges, labels, input_lengths, label_lengths,
     ranges = _checks.check_int_array("ranges", ranges, (B, T))
     _check_ranges_values(ranges, input_lengths, label_lengths, S)
     return _pruned_costs(logits, ranges, labels, input_lengths, label_lengths, blank, reduction,
-                         fastemit_lambda, delay_penalty)
+                         fastemit_lambda, delay_penalty, _ffi.check_impl(impl))
 
 
 def _check_ranges_values(ranges, input_lengths, label_lengths, s_range):
@@ -246,9 +250,9 @@ def _check_ranges_values(ranges, input_lengths, label_lengths, s_range):
             f"s_range - 1, got {values[0][b, :values[1][b]].tolist()}")
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
 def _pruned_costs(logits, ranges, labels, input_lengths, label_lengths, blank, reduction,
-                  fastemit_lambda, delay_penalty):
+                  fastemit_lambda, delay_penalty, impl):
     B, T, S, V = logits.shape
     U = labels.shape[1]
     valid = (_checks.valid_examples(input_lengths, label_lengths, (B, T, U, V), labels)
@@ -270,5 +274,5 @@ def _pruned_costs(logits, ranges, labels, input_lengths, label_lengths, blank, r
                          for x in (blank_w, emit_w))
     emit_lp = delay_penalized(emit_lp, input_lengths, delay_penalty)
     costs = lattice_costs(blank_lp, emit_lp, *kernel_lengths(input_lengths, label_lengths, valid),
-                          fastemit_lambda)
+                          fastemit_lambda, impl)
     return reduce_costs(costs[:, 0], reduction)

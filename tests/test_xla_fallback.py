@@ -417,3 +417,24 @@ def test_memory_has_no_vocabulary_times_lattice_term():
     growth = sizes[1024] - sizes[512]
     assert growth < 4 * (4 * B * (T + U + 1) * 512), sizes
     assert growth < (4 * B * T * (U + 1) * 512) / 8, sizes
+
+
+@needs_kernels
+def test_every_public_function_takes_impl():
+    # The full-logits, pruned and alignment functions run on the same lattice calls: with
+    # impl="xla" their lowering holds no custom call of ours and their values are the kernels'.
+    E, P, L, I, J = make_batch(90, B=3, T=5, U=3, V=6, pad=0.0)
+    logits = E[:, :, None, :] + P[:, None, :, :]
+    ranges = np.zeros((3, 5), np.int32)
+    calls = {
+        "from_logits": lambda impl: jt.transducer_loss_from_logits(
+            logits, L, I, J, impl=impl),
+        "pruned": lambda impl: jt.pruned_transducer_loss(logits, ranges, L, I, J, impl=impl),
+        "prune_ranges": lambda impl: jt.prune_ranges(E, P, L, I, J, 2, impl=impl),
+        "align": lambda impl: jt.align(E, P, L, I, J, impl=impl),
+        "align_from_logits": lambda impl: jt.align_from_logits(logits, L, I, J, impl=impl),
+    }
+    for name, f in calls.items():
+        got, want = f("xla"), f("ffi")
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-9, err_msg=name)
+        assert not custom_calls(jax.jit(lambda: f("xla")).lower().as_text()), name
