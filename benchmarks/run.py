@@ -12,6 +12,7 @@ stderr, the Markdown table to stdout.
 """
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -78,9 +79,10 @@ def bench_shape(shape, args, device, rates):
              ("emissions", "predictions", "labels", "input_lengths", "label_lengths")]
     e, p = args5[:2]
     log(f"[{B},{T},{U},{V}] compiling ours")
-    ours_fwd, row["ours_fwd_temp"] = compile_jit(jt.transducer_loss, *args5)
-    ours_fb, row["ours_fwd_bwd_temp"] = compile_jit(fwd_bwd(jt.transducer_loss), *args5)
-    ours_vit, _ = compile_jit(jt.viterbi, e, p, *args5[3:])
+    loss = functools.partial(jt.transducer_loss, impl=args.impl)
+    ours_fwd, row["ours_fwd_temp"] = compile_jit(loss, *args5)
+    ours_fb, row["ours_fwd_bwd_temp"] = compile_jit(fwd_bwd(loss), *args5)
+    ours_vit, _ = compile_jit(functools.partial(jt.viterbi, impl=args.impl), e, p, *args5[3:])
     reference = ours_fb(*args5)
     timers = {"ours_fwd": jax_timer(ours_fwd, *args5), "ours_fwd_bwd": jax_timer(ours_fb, *args5),
               "ours_viterbi": jax_timer(ours_vit, e, p, *args5[3:])}
@@ -213,6 +215,8 @@ def parse_args(argv):
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per measurement "
                     "after one warm-up (default 5, --quick 3)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    ap.add_argument("--impl", choices=("auto", "ffi", "xla"), default="auto",
+                    help="ours: compiled kernels (auto/ffi) or the pure-XLA fallback")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {PEERS}")
     ap.add_argument("--mem-budget-gib", type=float, default=6.0,
                     help="skip a peer whose memory would exceed this (default 6)")

@@ -108,8 +108,12 @@ def _grads_xla(emissions, predictions, labels, e_used, p_used, max_e, max_p, w, 
                *, blank):
     exp_e = jnp.where(e_used[..., None], jnp.exp(emissions - max_e[..., None]), 0)
     exp_p = jnp.where(p_used[..., None], jnp.exp(predictions - max_p[..., None]), 0)
-    d_e = exp_e * jnp.einsum("btu,buv->btv", w, exp_p, precision=PRECISION)
-    d_p = exp_p * jnp.einsum("btu,btv->buv", w, exp_e, precision=PRECISION)
+    # Unused rows are zeroed explicitly: a NaN in some example's used rows would otherwise reach
+    # them as 0 * NaN through the matmuls.
+    d_e = jnp.where(e_used[..., None],
+                    exp_e * jnp.einsum("btu,buv->btv", w, exp_p, precision=PRECISION), 0)
+    d_p = jnp.where(p_used[..., None],
+                    exp_p * jnp.einsum("btu,btv->buv", w, exp_e, precision=PRECISION), 0)
     # The blank and label columns: the gathers' own VJP (a scatter-add that sharding propagates
     # through; GPUs fuse the rest).
     _, gathers_vjp = jax.vjp(lambda e, p: _gathers(e, p, labels, e_used, p_used, blank),

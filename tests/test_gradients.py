@@ -101,3 +101,20 @@ def test_float32_stays_accurate_on_long_lattices(device):
     wE, wP = ref.gradients(E, P, labels, *lens)
     assert np.abs(np.asarray(gE) - wE).max() < 2e-4 * np.abs(wE).max()
     assert np.abs(np.asarray(gP) - wP).max() < 2e-4 * np.abs(wP).max()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("impl", ["auto", "xla"])
+def test_nan_in_used_rows_leaves_padding_gradient_zero(device, dtype, impl):
+    # Found by the fuzzer: a NaN inside example 0's used frames must not reach the padded rows of
+    # its predictions (0 * NaN through the gradient matmuls), nor another example.
+    E, P, labels, in_len, lab_len = make_batch(31, B=3, T=4, U=3, V=5, dtype=dtype)
+    E[0, in_len[0] - 1, 1] = np.nan
+    args = put(device, E, P, labels, in_len, lab_len)
+    gE, gP = jax.grad(lambda e, p: jt.transducer_loss(e, p, *args[2:], impl=impl).sum(),
+                      argnums=(0, 1))(*args[:2])
+    gE, gP = np.asarray(gE), np.asarray(gP)
+    for b in range(3):
+        assert (gE[b, in_len[b]:] == 0).all() and (gP[b, lab_len[b] + 1:] == 0).all()
+    assert np.isnan(gE[0, :in_len[0]]).any()
+    assert np.isfinite(gE[1:]).all() and np.isfinite(gP[1:]).all()
