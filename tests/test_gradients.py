@@ -108,8 +108,9 @@ def test_float32_stays_accurate_on_long_lattices(device):
 def test_nan_in_used_rows_leaves_padding_gradient_zero(device, dtype, impl):
     # Found by the fuzzer: a NaN inside example 0's used frames must not reach the padded rows of
     # its predictions (0 * NaN through the gradient matmuls), nor another example.
-    E, P, labels, in_len, lab_len = make_batch(31, B=3, T=4, U=3, V=5, dtype=dtype)
-    E[0, in_len[0] - 1, 1] = np.nan
+    E, P, labels, in_len, lab_len = make_batch(31, B=3, T=5, U=3, V=5, dtype=dtype,
+                                               lengths=[(4, 2), (3, 0), (5, 3)])
+    E[0, in_len[0] - 1, 1] = np.nan  # example 0 also has padded frames and prediction rows
     args = put(device, E, P, labels, in_len, lab_len)
     gE, gP = jax.grad(lambda e, p: jt.transducer_loss(e, p, *args[2:], impl=impl).sum(),
                       argnums=(0, 1))(*args[:2])
