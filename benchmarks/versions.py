@@ -49,7 +49,8 @@ def main(argv=None):
         for path in args.paths:
             env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
             out = subprocess.run([sys.executable, "-c", CHILD, args.shape, str(args.repeats), here],
-                                 env=env, capture_output=True, text=True, check=True)
+                                 env=env, cwd=os.path.abspath(path), capture_output=True, text=True,
+                                 check=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             assert result["file"].startswith(os.path.abspath(path)), result["file"]
             walls[path] += result["walls"]
