@@ -151,3 +151,14 @@ def valid_examples(input_lengths, label_lengths, dims, labels=None):
         used = jnp.arange(U) < label_lengths[:, None]
         ok &= jnp.all(~used | ((labels >= 0) & (labels < V)), axis=1)
     return ok
+
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def check_options(reduction, fastemit_lambda, delay_penalty):
+    """The losses' shared options: -> (fastemit_lambda, delay_penalty) as Python floats."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    return (check_float("fastemit_lambda", fastemit_lambda, minimum=0.0),
+            check_float("delay_penalty", delay_penalty))

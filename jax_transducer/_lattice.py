@@ -30,6 +30,15 @@ def delay_penalized(emit_lp, input_lengths, delay_penalty):
     return emit_lp + delay_penalty * offset[..., None]
 
 
+def reduce_costs(costs, reduction):
+    """(B,) costs -> as `reduction` ("none", "sum" or "mean" over the batch) says."""
+    if reduction == "sum":
+        return costs.sum()
+    if reduction == "mean":
+        return costs.mean()
+    return costs
+
+
 def kernel_lengths(input_lengths, label_lengths, valid):
     """(B, 1) lengths for the kernels; an input length of 0 marks an invalid example."""
     return (jnp.where(valid, input_lengths, 0)[:, None], label_lengths[:, None])

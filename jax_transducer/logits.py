@@ -7,10 +7,7 @@ import jax.numpy as jnp
 
 from . import _checks, _ffi
 from ._lattice import (delay_penalized, kernel_lengths, lattice_costs, lattice_labels,
-                       used_rows)
-
-REDUCTIONS = ("none", "sum", "mean")
-
+                       reduce_costs, used_rows)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def cell_log_probs(logits, labels, used, blank):
@@ -72,21 +69,6 @@ def _cell_log_probs_bwd(blank, residuals, g):
 cell_log_probs.defvjp(_cell_log_probs_fwd, _cell_log_probs_bwd)
 
 
-def reduce_costs(costs, reduction):
-    if reduction == "sum":
-        return costs.sum()
-    if reduction == "mean":
-        return costs.mean()
-    return costs
-
-
-def check_options(reduction, fastemit_lambda, delay_penalty):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    return (_checks.check_float("fastemit_lambda", fastemit_lambda, minimum=0.0),
-            _checks.check_float("delay_penalty", delay_penalty))
-
-
 def transducer_loss_from_logits(logits, labels, input_lengths, label_lengths, blank=0,
                                 reduction="none", fastemit_lambda=0.0, delay_penalty=0.0,
                                 impl=None):
@@ -116,7 +98,8 @@ def transducer_loss_from_logits(logits, labels, input_lengths, label_lengths, bl
     gradient is computed in one fused pass into a single (B, T, U+1, V) buffer of the input
     dtype (bfloat16/float16 logits are widened to float32 inside the fusion only).
     """
-    fastemit_lambda, delay_penalty = check_options(reduction, fastemit_lambda, delay_penalty)
+    fastemit_lambda, delay_penalty = _checks.check_options(reduction, fastemit_lambda,
+                                                           delay_penalty)
     logits, dims = _checks.check_logits(logits)
     blank = _checks.check_blank(blank, dims[3])
     input_lengths, label_lengths = _checks.check_lengths(input_lengths, label_lengths, dims)

@@ -3,12 +3,10 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from . import _checks, _ffi
-from ._lattice import delay_penalized, kernel_lengths, lattice_costs, prepare
+from ._lattice import delay_penalized, kernel_lengths, lattice_costs, prepare, reduce_costs
 
-REDUCTIONS = ("none", "sum", "mean")
 
 
 def transducer_loss(emissions, predictions, labels, input_lengths, label_lengths, blank=0,
@@ -53,10 +51,8 @@ def transducer_loss(emissions, predictions, labels, input_lengths, label_lengths
 
     Memory: O(B*T*U + B*(T+U)*V); the (B, T, U+1, V) joiner is never formed, forward or backward.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    fastemit_lambda = _checks.check_float("fastemit_lambda", fastemit_lambda, minimum=0.0)
-    delay_penalty = _checks.check_float("delay_penalty", delay_penalty)
+    fastemit_lambda, delay_penalty = _checks.check_options(reduction, fastemit_lambda,
+                                                           delay_penalty)
     emissions, predictions, dims = _checks.check_scores(emissions, predictions)
     blank = _checks.check_blank(blank, dims[3])
     input_lengths, label_lengths = _checks.check_lengths(input_lengths, label_lengths, dims)
@@ -80,12 +76,7 @@ def _costs(emissions, predictions, labels, input_lengths, label_lengths, blank, 
 
     costs = lattice_costs(blank_lp, emit_lp, *kernel_lengths(input_lengths, label_lengths, valid),
                           fastemit_lambda, impl)
-    costs = costs[:, 0]
-    if reduction == "sum":
-        return costs.sum()
-    if reduction == "mean":
-        return costs.mean()
-    return costs
+    return reduce_costs(costs[:, 0], reduction)
 
 
 class TransducerLoss:
@@ -96,8 +87,7 @@ class TransducerLoss:
 
     def __init__(self, blank=0, reduction="none", fastemit_lambda=0.0, delay_penalty=0.0,
                  impl=None):
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        _checks.check_options(reduction, fastemit_lambda, delay_penalty)
         self.impl = _ffi.check_impl(impl)
         self.blank = blank
         self.reduction = reduction

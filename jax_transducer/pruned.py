@@ -30,8 +30,8 @@ import numpy as np
 
 from . import _checks, _ffi
 from ._lattice import (delay_penalized, kernel_lengths, lattice_costs, lattice_labels,
-                       prepare)
-from .logits import cell_log_probs, check_options, reduce_costs
+                       prepare, reduce_costs)
+from .logits import cell_log_probs
 
 
 def _check_s_range(s_range):
@@ -217,7 +217,8 @@ def pruned_transducer_loss(logits, ranges, labels, input_lengths, label_lengths,
     U_b, labels past label_length) never matters and gets exactly zero gradient. Memory:
     O(B*T*s_range*V) for the logits and their gradient, O(B*T*U) for the lattice.
     """
-    fastemit_lambda, delay_penalty = check_options(reduction, fastemit_lambda, delay_penalty)
+    fastemit_lambda, delay_penalty = _checks.check_options(reduction, fastemit_lambda,
+                                                           delay_penalty)
     logits = _checks.check_float_array("logits", logits, 4)
     B, T, S, V = logits.shape
     if T < 1 or S < 1 or V < 1:
