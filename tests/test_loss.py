@@ -160,8 +160,9 @@ def test_original_transducer_issue_13(device):
     assert all(np.isfinite(np.asarray(x)).all() for x in g)
 
 
-def test_empty_batch(device):
-    E, P = np.zeros((0, 4, 5)), np.zeros((0, 3, 5))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])  # the fused CPU kernels, and XLA's
+def test_empty_batch(device, dtype):
+    E, P = np.zeros((0, 4, 5), dtype), np.zeros((0, 3, 5), dtype)
     args = put(device, E, P, np.zeros((0, 2), np.int32), np.zeros(0, np.int32),
                np.zeros(0, np.int32))
     assert jt.transducer_loss(*args).shape == (0,)

@@ -201,6 +201,7 @@ struct NormDims {
   // Work items per example: enough to keep every thread busy when B is small.
   int64_t chunks(const ffi::ThreadPool& pool) const {
     const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+    if (batch <= 0) return 1;  // an empty batch has no items at all
     return std::min<int64_t>(std::max<int64_t>(1, nt), (threads + batch - 1) / batch);
   }
 };
