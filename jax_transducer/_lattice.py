@@ -9,7 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import _ffi
+from . import _checks, _ffi
 from ._normalizer import log_norm_and_moves, move_log_probs
 
 
@@ -93,3 +93,18 @@ def prepare(emissions, predictions, labels, input_lengths, label_lengths, valid,
     if differentiable:
         return move_log_probs(emissions, predictions, labels, *rows, blank, impl)
     return log_norm_and_moves(emissions, predictions, labels, *rows, blank, with_best, impl)
+
+
+def inference_moves(emissions, predictions, labels, input_lengths, label_lengths, blank, impl,
+                    with_best=False):
+    """What the non-differentiable calls (viterbi, align, prune_ranges) start from: the scores in
+    the compute dtype with gradients stopped, the (B,) mask of valid examples, and
+    prepare(..., differentiable=False)'s (log_norm, blank_lp, emit_lp[, best])."""
+    dims = _checks.dims_of(emissions, predictions)
+    valid = _checks.valid_examples(input_lengths, label_lengths, dims, labels)
+    dtype = _checks.compute_dtype(emissions.dtype)
+    emissions, predictions = jax.lax.stop_gradient(
+        (emissions.astype(dtype), predictions.astype(dtype)))
+    moves = prepare(emissions, predictions, labels, input_lengths, label_lengths, valid, blank,
+                    differentiable=False, with_best=with_best, impl=impl)
+    return emissions, predictions, valid, moves

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks, _ffi
-from ._lattice import kernel_lengths, prepare
+from ._lattice import inference_moves, kernel_lengths
 from .logits import full_lattice_log_probs
 
 FILL = -1  # the frame reported for label positions >= label_length, and for invalid examples
@@ -74,13 +74,8 @@ align_from_logits.__doc__ += _SEMANTICS
 
 @functools.partial(jax.jit, static_argnums=(5, 6))
 def _align(emissions, predictions, labels, input_lengths, label_lengths, blank, impl):
-    dims = _checks.dims_of(emissions, predictions)
-    valid = _checks.valid_examples(input_lengths, label_lengths, dims, labels)
-    dtype = _checks.compute_dtype(emissions.dtype)
-    emissions, predictions = jax.lax.stop_gradient(
-        (emissions.astype(dtype), predictions.astype(dtype)))
-    _, blank_lp, emit_lp = prepare(emissions, predictions, labels, input_lengths, label_lengths,
-                                   valid, blank, differentiable=False, impl=impl)
+    _, _, valid, (_, blank_lp, emit_lp) = inference_moves(
+        emissions, predictions, labels, input_lengths, label_lengths, blank, impl)
     return _frames(blank_lp, emit_lp, input_lengths, label_lengths, valid, impl)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import _checks, _ffi
 from ._lattice import (delay_penalized, kernel_lengths, lattice_costs, lattice_labels,
-                       prepare, reduce_costs)
+                       inference_moves, reduce_costs)
 from .logits import cell_log_probs
 
 
@@ -101,13 +101,8 @@ def prune_ranges(emissions, predictions, labels, input_lengths, label_lengths, s
 @functools.partial(jax.jit, static_argnums=(5, 6, 7))
 def _prune_ranges(emissions, predictions, labels, input_lengths, label_lengths, s_range, blank,
                   impl):
-    dims = _checks.dims_of(emissions, predictions)
-    valid = _checks.valid_examples(input_lengths, label_lengths, dims, labels)
-    dtype = _checks.compute_dtype(emissions.dtype)
-    emissions, predictions = jax.lax.stop_gradient(
-        (emissions.astype(dtype), predictions.astype(dtype)))
-    _, blank_lp, emit_lp = prepare(emissions, predictions, labels, input_lengths, label_lengths,
-                                   valid, blank, differentiable=False, impl=impl)
+    _, _, valid, (_, blank_lp, emit_lp) = inference_moves(
+        emissions, predictions, labels, input_lengths, label_lengths, blank, impl)
     lengths = kernel_lengths(input_lengths, label_lengths, valid)
     costs, alpha = _ffi.forward(blank_lp, emit_lp, *lengths, impl)
     flow_blank, flow_emit = _ffi.backward(blank_lp, emit_lp, alpha, costs, *lengths, impl)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks, _ffi
-from ._lattice import kernel_lengths, prepare
+from ._lattice import inference_moves, kernel_lengths
 
 
 def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0, impl=None):
@@ -43,14 +43,9 @@ def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0, impl=
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
 def _viterbi(emissions, predictions, input_lengths, label_lengths, blank, impl):
-    dims = _checks.dims_of(emissions, predictions)
-    valid = _checks.valid_examples(input_lengths, label_lengths, dims)
-    dtype = _checks.compute_dtype(emissions.dtype)
-    emissions, predictions = jax.lax.stop_gradient((emissions.astype(dtype), predictions.astype(dtype)))
-
-    log_norm, blank_lp, _, best = prepare(emissions, predictions, None, input_lengths,
-                                          label_lengths, valid, blank, differentiable=False,
-                                          with_best=True, impl=impl)
+    emissions, predictions, valid, moves = inference_moves(
+        emissions, predictions, None, input_lengths, label_lengths, blank, impl, with_best=True)
+    log_norm, blank_lp, _, best = moves
     # The lattice kernel finds the best path's label moves and reports, per label position, the
     # frame of that move (-1 past label_length): its per-cell "label" is the frame index. Only
     # those U cells then need their argmax over V.
