@@ -113,13 +113,9 @@ _forward = _kernel(FORWARD, lambda bl, em, il, ll: (_like(il, bl.dtype), _like(b
 _backward = _kernel(BACKWARD, lambda bl, em, al, co, il, ll: (_like(bl), _like(bl)))
 
 
-def _viterbi_results(bl, best, best_label, il, ll):
-    return (_like(bl, jnp.int32, bl.shape[:1] + bl.shape[2:]), _like(bl, jnp.uint8))
-
-
-def _viterbi(fill):
-    call = _kernel(VITERBI, _viterbi_results, blank=np.int32(fill))
-    return lambda *args: call(*args)[0]
+_viterbi_call = _kernel(VITERBI, lambda bl, la, il, ll: (
+    _like(bl, jnp.int32, bl.shape[:1] + bl.shape[2:]), _like(bl, jnp.uint8)))
+_viterbi = lambda *args: _viterbi_call(*args)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,13 +192,16 @@ def backward(blank_lp, emit_lp, alpha, costs, input_lengths, label_lengths, impl
         blank_lp, emit_lp, alpha, costs, input_lengths, label_lengths)
 
 
-def viterbi_path(blank_lp, best_lp, best_label, input_lengths, label_lengths, fill, impl=None):
-    """best_label[b, t, u] at each label move (t, u) of the best path, per label position u:
-    (B, U+1) int32, `fill` past label_length (so the last column always) and for an invalid
-    example's whole row."""
-    fallback = lambda *args: _xla.viterbi_path(*args, fill)
-    return _choose(impl, _viterbi(fill), fallback)(
-        blank_lp, best_lp, best_label, input_lengths, label_lengths)
+NO_FRAME = -1  # lib/lattice.h's kNoFrame
+
+
+def viterbi_frames(blank_lp, label_lp, input_lengths, label_lengths, impl=None):
+    """The best path through the lattice whose blank moves score blank_lp and label moves label_lp
+    (B, T, U+1): per label position u, the frame t of its label move (t, u) -> (t, u+1), (B, U+1)
+    int32; NO_FRAME past label_length (so the last column always) and for an invalid example's
+    whole row. Ties go to the blank arrival."""
+    return _choose(impl, _viterbi, _xla.viterbi_frames)(
+        blank_lp, label_lp, input_lengths, label_lengths)
 
 
 def norm_forward(emissions, predictions, e_rows, p_rows, blank, with_best):

@@ -151,12 +151,12 @@ def backward(blank_lp, emit_lp, alpha, costs, input_lengths, label_lengths):
     return to_varying(flow_blank, axes), to_varying(flow_emit, axes)
 
 
-def viterbi_path(blank_lp, best_lp, best_label, input_lengths, label_lengths, fill):
-    """best_label[b, t, u] at each label move (t, u) of the best path, per label position u, (B,
-    U+1) int32, as the viterbi kernel: ties go to the blank arrival (a NaN on the label side
-    loses), positions >= label length hold `fill`, and an invalid example's row is all `fill`."""
+def viterbi_frames(blank_lp, label_lp, input_lengths, label_lengths, no_frame=-1):
+    """The frame of each label move of the best path, per label position u, (B, U+1) int32, as
+    the viterbi kernel: ties go to the blank arrival (a NaN on the label side loses), positions
+    >= label length hold `no_frame`, and an invalid example's row is all `no_frame`."""
     B, T, U1 = blank_lp.shape
-    axes = varying_axes(blank_lp, best_lp, best_label, input_lengths, label_lengths)
+    axes = varying_axes(blank_lp, label_lp, input_lengths, label_lengths)
     il, ll, valid, _, _, _ = _lattice(input_lengths, label_lengths, T, U1)
     u = jnp.arange(U1)
 
@@ -171,7 +171,7 @@ def viterbi_path(blank_lp, best_lp, best_label, input_lengths, label_lengths, fi
     first = jnp.where(u == 0, 0, NEG_INF).astype(blank_lp.dtype)
     first = to_varying(jnp.broadcast_to(first, (B, U1)), axes)
     D = T + U1 - 1
-    xs = (jnp.arange(1, D), _skew(blank_lp, NEG_INF)[:-1], _skew(best_lp, NEG_INF)[:-1])
+    xs = (jnp.arange(1, D), _skew(blank_lp, NEG_INF)[:-1], _skew(label_lp, NEG_INF)[:-1])
     _, decisions = jax.lax.scan(diagonal, first, xs)  # diagonals 1 .. D-1
 
     # The backtrack walks one diagonal down per move, so it is a reverse scan over diagonals too:
@@ -179,23 +179,19 @@ def viterbi_path(blank_lp, best_lp, best_label, input_lengths, label_lengths, fi
     # by masked sums over u, not gathers, which a batch-sharded array admits without collectives.
     def back(carry, xs):
         t, v, path = carry
-        d, decision, label = xs  # diagonal d's decisions, diagonal d-1's best labels
+        d, decision = xs  # diagonal d's decisions
         act = valid & (v > 0) & (t + v == d)
-        at_v = u == v[:, None]
-        by_blank = jnp.any(at_v & (decision != 0), axis=1)
+        by_blank = jnp.any((u == v[:, None]) & (decision != 0), axis=1)
         emitted = act & ~by_blank
         t = jnp.where(act & by_blank, t - 1, t)
         v = jnp.where(emitted, v - 1, v)
-        # The label move (t, v+1) -> ... backwards lands on (t, v), on diagonal d-1.
-        at_v = u == v[:, None]
-        label = jnp.sum(jnp.where(at_v, label, 0), axis=1, dtype=jnp.int32)
-        path = jnp.where(emitted[:, None] & at_v, label[:, None], path)
+        # The label move (t, v) -> (t, v+1) is position v's, at frame t.
+        path = jnp.where(emitted[:, None] & (u == v[:, None]), t[:, None], path)
         return (t, v, path), None
 
     start = (jnp.where(valid, il - 1, 0), jnp.where(valid, ll, 0),
-             jnp.full((B, U1), fill, jnp.int32))
+             jnp.full((B, U1), no_frame, jnp.int32))
     start = tuple(to_varying(x, axes) for x in start)
-    xs = (jnp.arange(1, D), decisions, _skew(best_label, 0)[:-1])
-    (_, _, path), _ = jax.lax.scan(back, start, xs, reverse=True)
+    (_, _, path), _ = jax.lax.scan(back, start, (jnp.arange(1, D), decisions), reverse=True)
     return to_varying(path, axes)
 

@@ -9,7 +9,7 @@ from . import _checks, _ffi
 from ._lattice import inference_moves, kernel_lengths
 from .logits import full_lattice_log_probs
 
-FILL = -1  # the frame reported for label positions >= label_length, and for invalid examples
+FILL = _ffi.NO_FRAME  # the frame reported for label positions >= label_length, and for invalid examples
 
 _SEMANTICS = """
     Returns:
@@ -89,10 +89,7 @@ def _align_from_logits(logits, labels, input_lengths, label_lengths, blank, impl
 
 
 def _frames(blank_lp, emit_lp, input_lengths, label_lengths, valid, impl):
-    """The viterbi kernel with the label move of (t, u) scored by emit_lp and "labelled" t: the
-    labels it reports along the best path are the frames of its label moves."""
-    B, T, U1 = blank_lp.shape
-    frame = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :, None], (B, T, U1))
-    path = _ffi.viterbi_path(blank_lp, emit_lp, frame,
-                             *kernel_lengths(input_lengths, label_lengths, valid), FILL, impl)
-    return path[:, :U1 - 1]
+    """The viterbi kernel with the label move of (t, u) scored by emit_lp."""
+    frames = _ffi.viterbi_frames(blank_lp, emit_lp,
+                                 *kernel_lengths(input_lengths, label_lengths, valid), impl)
+    return frames[:, :-1]

@@ -47,15 +47,12 @@ def _viterbi(emissions, predictions, input_lengths, label_lengths, blank, impl):
         emissions, predictions, None, input_lengths, label_lengths, blank, impl, with_best=True)
     log_norm, blank_lp, _, best = moves
     # The lattice kernel finds the best path's label moves and reports, per label position, the
-    # frame of that move (-1 past label_length): its per-cell "label" is the frame index. Only
-    # those U cells then need their argmax over V.
-    B, T, U1 = blank_lp.shape
-    frames = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :, None], (B, T, U1))
-    frame = _ffi.viterbi_path(blank_lp, best - log_norm, frames,
-                              *kernel_lengths(input_lengths, label_lengths, valid), -1,
-                              impl)[:, :U1 - 1]
+    # frame of that move (NO_FRAME past label_length). Only those U cells then need their argmax
+    # over V.
+    frame = _ffi.viterbi_frames(blank_lp, best - log_norm,
+                                *kernel_lengths(input_lengths, label_lengths, valid), impl)[:, :-1]
     rows = jnp.take_along_axis(emissions, jnp.maximum(frame, 0)[..., None], axis=1)  # (B, U, V)
-    scores = rows + predictions[:, :U1 - 1]
+    scores = rows + predictions[:, :-1]
     scores = jnp.where(jnp.arange(scores.shape[-1]) == blank, -jnp.inf, scores)
     labels = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     return jnp.where(frame >= 0, labels, blank)

@@ -107,7 +107,7 @@ JT_HD A log_add(A a, A b) {
 }
 
 // Whether an example's lengths describe a lattice inside the (T, U1) arrays. Kernels treat any
-// other example as invalid: NaN cost, zero flows, an all-blank viterbi row; they never index with
+// other example as invalid: NaN cost, zero flows, an all-kNoFrame viterbi row; they never index with
 // its lengths.
 JT_HD bool lengths_valid(int32_t t_len, int32_t u_len, int64_t T, int64_t U1) {
   return t_len >= 1 && t_len <= T && u_len >= 0 && u_len < U1;
@@ -131,6 +131,10 @@ template <typename A, typename M = A>
 JT_HD M move_flow(A alpha_from, A log_prob, A beta_to, A log_z) {
   return jt_exp(static_cast<M>(alpha_from + log_prob + beta_to - log_z));
 }
+
+// The frame reported by the viterbi kernels for label positions the best path never reaches
+// (those >= the label length) and for every position of an invalid example.
+constexpr int32_t kNoFrame = -1;
 
 // Viterbi decision at (t, u): true when the best path arrives by the blank move from (t-1, u).
 // Ties go to blank; a NaN on the emit side loses so the path stays well formed.

@@ -100,14 +100,14 @@ void backward_example(const T* blank, const T* emit, const T* alpha, T cost, T* 
   }
 }
 
-// Best path with labels forced to the per-cell best: writes decisions (1 = arrived by blank) and
-// the emitted labels into path[0..u1) (blank_id past u_len, and everywhere for an invalid
-// example). Row by row: the recursion is only adds and compares.
+// Best path through the lattice whose label moves score `label`: writes decisions (1 = arrived by
+// blank) and, per label position u, the frame of the path's label move from u to u + 1 into
+// path[0..u1) (kNoFrame past u_len, and everywhere for an invalid example). Row by row: the
+// recursion is only adds and compares.
 template <typename T>
-void viterbi_example(const T* blank, const T* best, const int32_t* best_label, uint8_t* decision,
-                     int32_t* path, int64_t nt, int64_t u1, int32_t t_len, int32_t u_len,
-                     int32_t blank_id) {
-  std::fill(path, path + u1, blank_id);
+void viterbi_example(const T* blank, const T* label, uint8_t* decision, int32_t* path, int64_t nt,
+                     int64_t u1, int32_t t_len, int32_t u_len) {
+  std::fill(path, path + u1, kNoFrame);
   std::memset(decision, 0, static_cast<size_t>(nt * u1));
   if (!lengths_valid(t_len, u_len, nt, u1)) return;
   std::vector<T> rows(2 * u1);
@@ -121,7 +121,7 @@ void viterbi_example(const T* blank, const T* best, const int32_t* best_label, u
         continue;
       }
       const T top = t > 0 ? prev[u] + blank[row - u1 + u] : neg_inf<T>();
-      const T left = u > 0 ? cur[u - 1] + best[row + u - 1] : neg_inf<T>();
+      const T left = u > 0 ? cur[u - 1] + label[row + u - 1] : neg_inf<T>();
       const bool by_blank = t > 0 && (u == 0 || viterbi_takes_blank(top, left));
       cur[u] = by_blank ? top : left;
       decision[row + u] = by_blank;
@@ -133,7 +133,7 @@ void viterbi_example(const T* blank, const T* best, const int32_t* best_label, u
       --t;
     } else {
       --u;
-      path[u] = best_label[t * u1 + u];
+      path[u] = static_cast<int32_t>(t);
     }
   }
 }

@@ -201,9 +201,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
-    viterbi_kernel(const T* __restrict__ blank_all, const T* __restrict__ best_all,
-                   const int32_t* __restrict__ best_label_all, const int32_t* __restrict__ in_len,
-                   const int32_t* __restrict__ lab_len, int32_t blank_id,
+    viterbi_kernel(const T* __restrict__ blank_all, const T* __restrict__ label_all,
+                   const int32_t* __restrict__ in_len, const int32_t* __restrict__ lab_len,
                    int32_t* __restrict__ path_all, uint8_t* decision_all, int64_t nt, int64_t u1,
                    uint32_t ring) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -214,14 +213,13 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t b = blockIdx.x;
   const int64_t base = cell_offset(b, 0, 0, nt, u1);
   const T* blank = blank_all + base;
-  const T* best = best_all + base;
-  const int32_t* best_label = best_label_all + base;
+  const T* label = label_all + base;
   uint8_t* decision = decision_all + base;  // written and read back by the backtrack
   int32_t* path = path_all + b * u1;
   const int32_t t_len = in_len[b];
   const int32_t u_len = lab_len[b];
 
-  fill(path, u1, blank_id);
+  fill(path, u1, kNoFrame);
   fill(decision, nt * u1, uint8_t(0));
   if (!lengths_valid(t_len, u_len, nt, u1)) return;  // uniform over the block
   __syncthreads();  // the fills before any thread writes a lattice cell or a label
@@ -238,7 +236,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       bool by_blank = false;
       if (active && !(t == 0 && u == 0)) {  // (0, 0) starts at 0, decision 0
         const T top = t > 0 ? score[slot(u)] + blank[c - u1] : neg_inf<T>();
-        const T left = u > 0 ? score[slot(u - 1)] + best[c - 1] : neg_inf<T>();
+        const T left = u > 0 ? score[slot(u - 1)] + label[c - 1] : neg_inf<T>();
         by_blank = t > 0 && (u == 0 || viterbi_takes_blank(top, left));
         value = by_blank ? top : left;
       }
@@ -258,7 +256,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         --t;
       } else {
         --u;
-        path[u] = best_label[t * u1 + u];
+        path[u] = static_cast<int32_t>(t);
       }
     }
   }
@@ -310,9 +308,8 @@ cudaError_t launch_backward(cudaStream_t stream, const T* blank, const T* emit, 
 }
 
 template <typename T>
-cudaError_t launch_viterbi(cudaStream_t stream, const T* blank, const T* best,
-                           const int32_t* best_label, const int32_t* in_len,
-                           const int32_t* lab_len, int32_t blank_id, int32_t* path,
+cudaError_t launch_viterbi(cudaStream_t stream, const T* blank, const T* label,
+                           const int32_t* in_len, const int32_t* lab_len, int32_t* path,
                            uint8_t* decision, int64_t batch, int64_t nt, int64_t u1) {
   unsigned blocks = 0;
   if (!grid_for(batch, &blocks)) return cudaErrorInvalidValue;
@@ -331,7 +328,7 @@ cudaError_t launch_viterbi(cudaStream_t stream, const T* blank, const T* best,
   // shared <= limit bounds the ring far below 2^32.
   const uint32_t ring = static_cast<uint32_t>(std::min(nt, u1) + 1);
   viterbi_kernel<T><<<blocks, block_threads(nt, u1), shared, stream>>>(
-      blank, best, best_label, in_len, lab_len, blank_id, path, decision, nt, u1, ring);
+      blank, label, in_len, lab_len, path, decision, nt, u1, ring);
   return cudaGetLastError();
 }
 
@@ -342,8 +339,8 @@ cudaError_t launch_viterbi(cudaStream_t stream, const T* blank, const T* best,
                                           const T*, const int32_t*, const int32_t*, T*, T*,     \
                                           int64_t, int64_t, int64_t);                           \
   template cudaError_t launch_viterbi<T>(cudaStream_t, const T*, const T*, const int32_t*,      \
-                                         const int32_t*, const int32_t*, int32_t, int32_t*,     \
-                                         uint8_t*, int64_t, int64_t, int64_t);
+                                         const int32_t*, int32_t*, uint8_t*, int64_t, int64_t,  \
+                                         int64_t);
 
 JT_INSTANTIATE(float)
 JT_INSTANTIATE(double)

@@ -31,13 +31,12 @@ cudaError_t launch_backward(cudaStream_t stream, const T* blank, const T* emit, 
                             T* flow_blank, T* flow_emit, int64_t batch, int64_t nt, int64_t u1);
 
 // Fills decision (1 = the best path arrives by blank; 0 outside each lattice) and path (the
-// emitted labels, blank_id past the label length and for invalid examples). Keeps one lattice
+// frame of each label move, kNoFrame past the label length and for invalid examples). Keeps one lattice
 // diagonal of scores in shared memory: returns cudaErrorInvalidValue when
 // viterbi_shared_bytes(nt, u1, sizeof(T)) exceeds what the device grants a block.
 template <typename T>
-cudaError_t launch_viterbi(cudaStream_t stream, const T* blank, const T* best,
-                           const int32_t* best_label, const int32_t* in_len,
-                           const int32_t* lab_len, int32_t blank_id, int32_t* path,
+cudaError_t launch_viterbi(cudaStream_t stream, const T* blank, const T* label,
+                           const int32_t* in_len, const int32_t* lab_len, int32_t* path,
                            uint8_t* decision, int64_t batch, int64_t nt, int64_t u1);
 
 // Shared memory of one viterbi block: a ring of min(nt, u1) + 1 scores, enough for two

@@ -113,19 +113,18 @@ inline ffi::Error check_backward(const ffi::AnyBuffer& blank, const ffi::AnyBuff
                                                      : unsupported_dtype("backward");
 }
 
-inline ffi::Error check_viterbi(const ffi::AnyBuffer& blank, const ffi::AnyBuffer& best,
-                                Dims best_label, Dims in_len, Dims lab_len, Dims path,
-                                Dims decision, LatticeDims* d) {
+inline ffi::Error check_viterbi(const ffi::AnyBuffer& blank, const ffi::AnyBuffer& label,
+                                Dims in_len, Dims lab_len, Dims path, Dims decision,
+                                LatticeDims* d) {
   if (auto e = lattice_dims(blank, d); e.failure()) return e;
-  if (auto e = first_failure({expect_shape("best", best.dimensions(), *d, d->nt, d->u1),
-                              expect_shape("best_label", best_label, *d, d->nt, d->u1),
+  if (auto e = first_failure({expect_shape("label", label.dimensions(), *d, d->nt, d->u1),
                               expect_shape("input_lengths", in_len, *d, 1),
                               expect_shape("label_lengths", lab_len, *d, 1),
                               expect_shape("path", path, *d, d->u1),
                               expect_shape("decision", decision, *d, d->nt, d->u1)});
       e.failure())
     return e;
-  return same_dtype({&blank, &best}) ? ffi::Error::Success() : unsupported_dtype("viterbi");
+  return same_dtype({&blank, &label}) ? ffi::Error::Success() : unsupported_dtype("viterbi");
 }
 
 }  // namespace jax_transducer

@@ -144,32 +144,29 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer blank, ffi::AnyBuffer e
 
 template <typename T>
 void viterbi_all(ffi::ThreadPool& pool, const LatticeDims& d, ffi::AnyBuffer blank,
-                 ffi::AnyBuffer best, const int32_t* best_label, const int32_t* in_len,
-                 const int32_t* lab_len, int32_t blank_id, int32_t* path, uint8_t* decision) {
+                 ffi::AnyBuffer label, const int32_t* in_len, const int32_t* lab_len,
+                 int32_t* path, uint8_t* decision) {
   const int64_t slab = d.nt * d.u1;
   const T* bl = blank.typed_data<T>();
-  const T* be = best.typed_data<T>();
+  const T* la = label.typed_data<T>();
   parallel_for(pool, d.batch, [&](int64_t b) {
-    cpu::viterbi_example(bl + b * slab, be + b * slab, best_label + b * slab,
-                         decision + b * slab, path + b * d.u1, d.nt, d.u1, in_len[b], lab_len[b],
-                         blank_id);
+    cpu::viterbi_example(bl + b * slab, la + b * slab, decision + b * slab, path + b * d.u1, d.nt,
+                         d.u1, in_len[b], lab_len[b]);
   });
 }
 
-ffi::Error Viterbi(ffi::ThreadPool pool, ffi::AnyBuffer blank, ffi::AnyBuffer best,
-                   ffi::Buffer<ffi::S32> best_label, ffi::Buffer<ffi::S32> in_len,
-                   ffi::Buffer<ffi::S32> lab_len, int32_t blank_id,
+ffi::Error Viterbi(ffi::ThreadPool pool, ffi::AnyBuffer blank, ffi::AnyBuffer label,
+                   ffi::Buffer<ffi::S32> in_len, ffi::Buffer<ffi::S32> lab_len,
                    ffi::Result<ffi::Buffer<ffi::S32>> path,
                    ffi::Result<ffi::Buffer<ffi::U8>> decision) {
   LatticeDims d;
-  if (auto e = check_viterbi(blank, best, best_label.dimensions(), in_len.dimensions(),
-                             lab_len.dimensions(), path->dimensions(), decision->dimensions(), &d);
+  if (auto e = check_viterbi(blank, label, in_len.dimensions(), lab_len.dimensions(),
+                             path->dimensions(), decision->dimensions(), &d);
       e.failure())
     return e;
   return dispatch_float(blank.element_type(), "viterbi", [&](auto x) {
-    viterbi_all<decltype(x)>(pool, d, blank, best, best_label.typed_data(), in_len.typed_data(),
-                             lab_len.typed_data(), blank_id, path->typed_data(),
-                             decision->typed_data());
+    viterbi_all<decltype(x)>(pool, d, blank, label, in_len.typed_data(), lab_len.typed_data(),
+                             path->typed_data(), decision->typed_data());
     return ffi::Error::Success();
   });
 }
@@ -393,8 +390,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JtViterbiCpu, Viterbi,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int32_t>("blank")
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::U8>>());
 

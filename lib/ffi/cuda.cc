@@ -76,9 +76,8 @@ ffi::Error Backward(cudaStream_t stream, ffi::AnyBuffer blank, ffi::AnyBuffer em
 
 template <typename T>
 ffi::Error viterbi_all(cudaStream_t stream, const LatticeDims& d, ffi::AnyBuffer blank,
-                       ffi::AnyBuffer best, const int32_t* best_label, const int32_t* in_len,
-                       const int32_t* lab_len, int32_t blank_id, int32_t* path,
-                       uint8_t* decision) {
+                       ffi::AnyBuffer label, const int32_t* in_len, const int32_t* lab_len,
+                       int32_t* path, uint8_t* decision) {
   // The kernel keeps one lattice diagonal of scores in shared memory: say so when it cannot.
   const size_t need = cuda::viterbi_shared_bytes(d.nt, d.u1, sizeof(T));
   size_t limit = 0;
@@ -90,25 +89,24 @@ ffi::Error viterbi_all(cudaStream_t stream, const LatticeDims& d, ffi::AnyBuffer
         std::to_string(need / sizeof(T)) + " scores in shared memory (" + std::to_string(need) +
         " bytes); this GPU grants a block " + std::to_string(limit) + " bytes");
   return cuda_status(cuda::launch_viterbi<T>(stream, blank.typed_data<T>(),
-                                             best.typed_data<T>(), best_label, in_len, lab_len,
-                                             blank_id, path, decision, d.batch, d.nt, d.u1),
+                                             label.typed_data<T>(), in_len, lab_len, path,
+                                             decision, d.batch, d.nt, d.u1),
                      "viterbi");
 }
 
-ffi::Error Viterbi(cudaStream_t stream, ffi::AnyBuffer blank, ffi::AnyBuffer best,
-                   ffi::Buffer<ffi::S32> best_label, ffi::Buffer<ffi::S32> in_len,
-                   ffi::Buffer<ffi::S32> lab_len, int32_t blank_id,
+ffi::Error Viterbi(cudaStream_t stream, ffi::AnyBuffer blank, ffi::AnyBuffer label,
+                   ffi::Buffer<ffi::S32> in_len, ffi::Buffer<ffi::S32> lab_len,
                    ffi::Result<ffi::Buffer<ffi::S32>> path,
                    ffi::Result<ffi::Buffer<ffi::U8>> decision) {
   LatticeDims d;
-  if (auto e = check_viterbi(blank, best, best_label.dimensions(), in_len.dimensions(),
-                             lab_len.dimensions(), path->dimensions(), decision->dimensions(), &d);
+  if (auto e = check_viterbi(blank, label, in_len.dimensions(), lab_len.dimensions(),
+                             path->dimensions(), decision->dimensions(), &d);
       e.failure())
     return e;
   return dispatch_float(blank.element_type(), "viterbi", [&](auto x) {
-    return viterbi_all<decltype(x)>(stream, d, blank, best, best_label.typed_data(),
-                                    in_len.typed_data(), lab_len.typed_data(), blank_id,
-                                    path->typed_data(), decision->typed_data());
+    return viterbi_all<decltype(x)>(stream, d, blank, label, in_len.typed_data(),
+                                    lab_len.typed_data(), path->typed_data(),
+                                    decision->typed_data());
   });
 }
 
@@ -145,8 +143,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JtViterbiCuda, Viterbi,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int32_t>("blank")
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::U8>>(),
                               {ffi::Traits::kCmdBufferCompatible});
