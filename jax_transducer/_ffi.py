@@ -41,12 +41,13 @@ BACKWARD = "jax_transducer_backward"
 VITERBI = "jax_transducer_viterbi"
 NORM_FORWARD = "jax_transducer_norm_forward"  # CPU only (float32): on GPUs XLA dots and fusions
 NORM_BACKWARD = "jax_transducer_norm_backward"
+NORM_VITERBI = "jax_transducer_norm_viterbi"
 
 for _module, _platform in ((_cpu, "cpu"), (_cuda, "CUDA")):
     if _module is not None:
         for _name, _capsule in _module.registrations().items():
             jax.ffi.register_ffi_target(_name, _capsule, platform=_platform)
-for _name in (FORWARD, BACKWARD, VITERBI, NORM_FORWARD, NORM_BACKWARD):
+for _name in (FORWARD, BACKWARD, VITERBI, NORM_FORWARD, NORM_BACKWARD, NORM_VITERBI):
     jax.ffi.register_ffi_target_as_batch_partitionable(_name)
 
 
@@ -204,19 +205,27 @@ def viterbi_frames(blank_lp, label_lp, input_lengths, label_lengths, impl=None):
         blank_lp, label_lp, input_lengths, label_lengths)
 
 
-def norm_forward(emissions, predictions, e_rows, p_rows, blank, with_best):
-    """CPU, float32. S = exp(E - mE) @ exp(P - mP)^T (B, T, U+1), mE (B, T), mP (B, U+1), and with
-    with_best the largest product over v != blank (B, T, U+1; else a (B, 1, 1) placeholder). Only
+def _cells(e, p, *_):
+    return _like(e, shape=e.shape[:2] + p.shape[1:2])
+
+
+def norm_forward(emissions, predictions, e_rows, p_rows, blank):
+    """CPU, float32. S = exp(E - mE) @ exp(P - mP)^T (B, T, U+1), mE (B, T), mP (B, U+1). Only
     the first e_rows[b, 0] rows of E and p_rows[b, 0] rows of P are read; the others count as
-    absent (S, products and maxima 0)."""
-    def results(e, p, er, pr):
-        B, T, _ = e.shape
-        U1 = p.shape[1]
-        cells = _like(e, shape=(B, T, U1))
-        return (cells, _like(e, shape=(B, T)), _like(e, shape=(B, U1)),
-                cells if with_best else _like(e, shape=(B, 1, 1)))
-    call = _kernel(NORM_FORWARD, results, blank=np.int32(blank), with_best=bool(with_best))
-    return call(emissions, predictions, e_rows, p_rows)
+    absent (S and maxima 0)."""
+    results = lambda e, p, *_: (_cells(e, p), _like(e, shape=e.shape[:2]),
+                                _like(p, shape=p.shape[:2]))
+    return _kernel(NORM_FORWARD, results, blank=np.int32(blank))(emissions, predictions, e_rows,
+                                                                   p_rows)
+
+
+def norm_viterbi(emissions, predictions, e_rows, p_rows, blank):
+    """CPU, float32. Viterbi's move log-probabilities, (B, T, U+1) each: the blank move's and the
+    best non-blank label's, max_{v != blank} (E + P) - log_norm (lib/cpu/normalizer_cpu.h). Rows
+    as in `norm_forward`; cells outside them are 0."""
+    results = lambda e, p, *_: (_cells(e, p), _cells(e, p))
+    return _kernel(NORM_VITERBI, results, blank=np.int32(blank))(emissions, predictions, e_rows,
+                                                                   p_rows)
 
 
 def norm_backward(emissions, predictions, e_rows, p_rows, max_e, w, g_blank, g_emit, labels,

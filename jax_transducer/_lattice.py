@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks, _ffi
-from ._normalizer import log_norm_and_moves, move_log_probs
+from ._normalizer import log_norm_and_moves, move_log_probs, viterbi_moves
 
 
 def used_rows(input_lengths, label_lengths, valid, T, U1):
@@ -78,10 +78,9 @@ def lattice_labels(labels, label_lengths, valid, blank):
 
 
 def prepare(emissions, predictions, labels, input_lengths, label_lengths, valid, blank,
-            differentiable=True, with_best=False, impl=None):
+            differentiable=True, impl=None):
     """(blank_lp, emit_lp), the (B, T, U+1) move log-probabilities, or, with
-    differentiable=False, (log_norm, blank_lp, emit_lp) and, with with_best, the best non-blank
-    label's score max_{v != blank} (E[b,t,v] + P[b,u,v]); emit_lp is None if labels is None.
+    differentiable=False, (log_norm, blank_lp, emit_lp); emit_lp is None if labels is None.
 
     impl as in `transducer_loss` ("xla" also keeps the normaliser in XLA on CPU). Padding (and
     every row of an invalid example) may hold anything, NaN included: the normaliser
@@ -92,19 +91,25 @@ def prepare(emissions, predictions, labels, input_lengths, label_lengths, valid,
         labels = lattice_labels(labels, label_lengths, valid, blank)
     if differentiable:
         return move_log_probs(emissions, predictions, labels, *rows, blank, impl)
-    return log_norm_and_moves(emissions, predictions, labels, *rows, blank, with_best, impl)
+    return log_norm_and_moves(emissions, predictions, labels, *rows, blank, impl)
 
 
 def inference_moves(emissions, predictions, labels, input_lengths, label_lengths, blank, impl,
-                    with_best=False):
+                    best_label=False):
     """What the non-differentiable calls (viterbi, align, prune_ranges) start from: the scores in
     the compute dtype with gradients stopped, the (B,) mask of valid examples, and
-    prepare(..., differentiable=False)'s (log_norm, blank_lp, emit_lp[, best])."""
+    prepare(..., differentiable=False)'s (log_norm, blank_lp, emit_lp), or, with best_label,
+    viterbi's (blank_lp, best_lp) (`_normalizer.viterbi_moves`; labels unused)."""
     dims = _checks.dims_of(emissions, predictions)
     valid = _checks.valid_examples(input_lengths, label_lengths, dims, labels)
     dtype = _checks.compute_dtype(emissions.dtype)
     emissions, predictions = jax.lax.stop_gradient(
         (emissions.astype(dtype), predictions.astype(dtype)))
-    moves = prepare(emissions, predictions, labels, input_lengths, label_lengths, valid, blank,
-                    differentiable=False, with_best=with_best, impl=impl)
+    if best_label:
+        rows = used_rows(input_lengths, label_lengths, valid, emissions.shape[1],
+                         predictions.shape[1])
+        moves = viterbi_moves(emissions, predictions, *rows, blank, impl)
+    else:
+        moves = prepare(emissions, predictions, labels, input_lengths, label_lengths, valid, blank,
+                        differentiable=False, impl=impl)
     return emissions, predictions, valid, moves

@@ -71,37 +71,18 @@ def _gathers(emissions, predictions, labels, e_used, p_used, blank):
 # XLA dots and fusions (GPU, float64, and CPU installs without the fused kernels), and the CPU's
 # fused float32 kernels (lib/cpu/normalizer_cpu.h), which never store the exponentials.
 
-def _sums_xla(emissions, predictions, e_used, p_used, *, blank, with_best):
+def _sums_xla(emissions, predictions, e_used, p_used, *, blank):
     exp_e, max_e = _exponentials(emissions, e_used)
     exp_p, max_p = _exponentials(predictions, p_used)
-    sums = jnp.einsum("btv,buv->btu", exp_e, exp_p, precision=PRECISION)
-    best = _best_scores(*_masked_pair(emissions, predictions, e_used, p_used),
-                        blank) if with_best else None
-    return sums, max_e, max_p, best
-
-
-def _best_scores(e, p, blank):
-    # XLA fuses the broadcast add into the reduction: the (B, T, U+1, V) scores are never stored.
-    scores = e[:, :, None, :] + p[:, None, :, :]
-    return jnp.max(jnp.where(jnp.arange(e.shape[-1]) == blank, -jnp.inf, scores), axis=-1)
+    return jnp.einsum("btv,buv->btu", exp_e, exp_p, precision=PRECISION), max_e, max_p
 
 
 def _row_counts(e_used, p_used):
     return (e_used.sum(1, dtype=jnp.int32)[:, None], p_used.sum(1, dtype=jnp.int32)[:, None])
 
 
-def _sums_cpu(emissions, predictions, e_used, p_used, *, blank, with_best):
-    sums, max_e, max_p, best = _ffi.norm_forward(emissions, predictions,
-                                                 *_row_counts(e_used, p_used), blank, with_best)
-    if not with_best:
-        return sums, max_e, max_p, None
-    # best holds max_v exp(E - mE) exp(P - mP); below sqrt(tiny) it may have been flushed.
-    tiny = jnp.sqrt(jnp.finfo(best.dtype).tiny)
-    scores = jnp.log(best) + max_e[:, :, None] + max_p[:, None, :]
-    flushed = e_used[:, :, None] & p_used[:, None, :] & (best < tiny)
-    exact = lambda x: jnp.where(flushed, _exact_best(
-        emissions, _masked(predictions, p_used), e_used, blank), x)
-    return sums, max_e, max_p, jax.lax.cond(jnp.any(flushed), exact, lambda x: x, scores)
+def _sums_cpu(emissions, predictions, e_used, p_used, *, blank):
+    return _ffi.norm_forward(emissions, predictions, *_row_counts(e_used, p_used), blank)
 
 
 def _grads_xla(emissions, predictions, labels, e_used, p_used, max_e, max_p, w, g_blank, g_emit,
@@ -138,19 +119,38 @@ def _on_platform(xla_fn, cpu_fn, dtype, impl, **static):
     return lambda *args: jax.lax.platform_dependent(*args, cpu=cpu_fn, default=xla_fn)
 
 
-def log_norm_and_moves(emissions, predictions, labels, e_used, p_used, blank, with_best=False,
-                       impl=None):
+def log_norm_and_moves(emissions, predictions, labels, e_used, p_used, blank, impl=None):
     """The log-normaliser and the blank and label move log-probabilities, (B, T, U+1) each, in the
-    scores' dtype (not differentiable: see `move_log_probs`); with with_best, also the best
-    non-blank label's score max_{v != blank} (E[b, t, v] + P[b, u, v]).
+    scores' dtype (not differentiable: see `move_log_probs`).
 
     emissions (B, T, V), predictions (B, U+1, V); labels (B, U+1) int32 in [0, V) (column U and
     unused positions may hold anything in range), or None for no emit_lp; e_used (B, T),
     p_used (B, U+1) bool row masks.
     """
-    moves, residuals = _forward(emissions, predictions, labels, e_used, p_used, blank, with_best,
-                                impl)
-    return moves + ((residuals[-1],) if with_best else ())
+    return _forward(emissions, predictions, labels, e_used, p_used, blank, impl)[0]
+
+
+def viterbi_moves(emissions, predictions, e_used, p_used, blank, impl=None):
+    """Viterbi's lattice, (B, T, U+1) each (not differentiable): the blank move log-probabilities
+    and the best non-blank label's, max_{v != blank} (E[b, t, v] + P[b, u, v]) - log_norm.
+    Arguments as in `log_norm_and_moves`."""
+    fn = _on_platform(_viterbi_moves_xla, _viterbi_moves_cpu, emissions.dtype, impl, blank=blank)
+    return fn(emissions, predictions, e_used, p_used)
+
+
+def _viterbi_moves_xla(emissions, predictions, e_used, p_used, *, blank):
+    (log_norm, blank_lp, _), _ = _forward(emissions, predictions, None, e_used, p_used, blank,
+                                          impl="xla")
+    e, p = _masked_pair(emissions, predictions, e_used, p_used)
+    # XLA fuses the broadcast add into the reduction: the (B, T, U+1, V) scores are never stored.
+    scores = jnp.where(jnp.arange(e.shape[-1]) == blank, -jnp.inf,
+                       e[:, :, None, :] + p[:, None, :, :])
+    return blank_lp, jnp.max(scores, axis=-1) - log_norm
+
+
+def _viterbi_moves_cpu(emissions, predictions, e_used, p_used, *, blank):
+    # One kernel: the sums and the per-cell max in one pass over V, finished in log space there.
+    return _ffi.norm_viterbi(emissions, predictions, *_row_counts(e_used, p_used), blank)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -160,10 +160,9 @@ def move_log_probs(emissions, predictions, labels, e_used, p_used, blank, impl=N
     return _move_log_probs_fwd(emissions, predictions, labels, e_used, p_used, blank, impl)[0]
 
 
-def _forward(emissions, predictions, labels, e_used, p_used, blank, with_best=False, impl=None):
-    sums_fn = _on_platform(_sums_xla, _sums_cpu, emissions.dtype, impl, blank=blank,
-                           with_best=with_best)
-    sums, max_e, max_p, best = sums_fn(emissions, predictions, e_used, p_used)
+def _forward(emissions, predictions, labels, e_used, p_used, blank, impl=None):
+    sums_fn = _on_platform(_sums_xla, _sums_cpu, emissions.dtype, impl, blank=blank)
+    sums, max_e, max_p = sums_fn(emissions, predictions, e_used, p_used)
     cell_used = e_used[:, :, None] & p_used[:, None, :]
     log_norm = jnp.where(cell_used, jnp.log(sums) + max_e[:, :, None] + max_p[:, None, :], 0)
     # Products below `tiny` may have been flushed: against S >= sqrt(tiny) * V, all V of them
@@ -175,13 +174,13 @@ def _forward(emissions, predictions, labels, e_used, p_used, blank, with_best=Fa
     blank_sum, label_sum = _gathers(emissions, predictions, labels, e_used, p_used, blank)
     moves = (log_norm, blank_sum - log_norm, None if labels is None else label_sum - log_norm)
     return moves, (emissions, predictions, labels, e_used, p_used, max_e, max_p, sums, log_norm,
-                   cell_used, inexact, best)
+                   cell_used, inexact)
 
 
 def _move_log_probs_fwd(emissions, predictions, labels, e_used, p_used, blank, impl):
     (_, blank_lp, emit_lp), residuals = _forward(emissions, predictions, labels, e_used, p_used,
                                                  blank, impl=impl)
-    return (blank_lp, emit_lp), residuals[:-1]
+    return (blank_lp, emit_lp), residuals
 
 
 def _move_log_probs_bwd(blank, impl, residuals, g):
@@ -249,11 +248,6 @@ def _exact_log_norm(e, p, e_used):
         peak = jnp.max(logits, axis=-1)
         return carry, peak + jnp.log(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1))
     return _scan_frames(e, p, e_used, (), step, None)[1]
-
-
-def _exact_best(e, p, e_used, blank):
-    return _scan_frames(e, p, e_used, (), lambda carry, fresh, xs: (
-        carry, _best_scores(xs[0], p, blank)), None)[1]
 
 
 def _exact_grads(e, p, e_used, weight, log_norm):

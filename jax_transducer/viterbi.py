@@ -43,13 +43,12 @@ def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0, impl=
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
 def _viterbi(emissions, predictions, input_lengths, label_lengths, blank, impl):
-    emissions, predictions, valid, moves = inference_moves(
-        emissions, predictions, None, input_lengths, label_lengths, blank, impl, with_best=True)
-    log_norm, blank_lp, _, best = moves
+    emissions, predictions, valid, (blank_lp, best_lp) = inference_moves(
+        emissions, predictions, None, input_lengths, label_lengths, blank, impl, best_label=True)
     # The lattice kernel finds the best path's label moves and reports, per label position, the
     # frame of that move (NO_FRAME past label_length). Only those U cells then need their argmax
     # over V.
-    frame = _ffi.viterbi_frames(blank_lp, best - log_norm,
+    frame = _ffi.viterbi_frames(blank_lp, best_lp,
                                 *kernel_lengths(input_lengths, label_lengths, valid), impl)[:, :-1]
     rows = jnp.take_along_axis(emissions, jnp.maximum(frame, 0)[..., None], axis=1)  # (B, U, V)
     scores = rows + predictions[:, :-1]

@@ -71,6 +71,29 @@ inline float host_log1p(float y) {
   const float ratio = y / (d == 0.0f ? 1.0f : d);  // computed unconditionally: no branch
   return d == 0.0f ? y : log_u * ratio;
 }
+
+// log(x) for positive normal floats: x = m 2^e with m in [sqrt(1/2), sqrt(2)), then the series
+// above for log(m). 0 gives -inf, NaN and negatives NaN; subnormals are not handled (a finite,
+// wrong value).
+inline float host_log(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const int32_t mantissa_bits = (bits & 0x007fffff) | 0x3f800000;  // m in [1, 2)
+  float m;
+  std::memcpy(&m, &mantissa_bits, sizeof m);
+  const bool big = m > 1.41421356f;
+  m = big ? 0.5f * m : m;
+  const float e = static_cast<float>(((bits >> 23) & 0xff) - 127 + (big ? 1 : 0));
+  const float s = (m - 1.0f) / (m + 1.0f);
+  const float s2 = s * s;
+  float p = 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  const float r = e * 0.693145751953125f + (2.0f * s * p + e * 1.428606765330187e-06f);
+  return x > 0.0f ? r : (x == 0.0f ? neg_inf<float>() : quiet_nan<float>());
+}
 #endif
 
 JT_HD float jt_exp(float x) {

@@ -9,7 +9,7 @@ _cpu = pytest.importorskip("jax_transducer._cpu", reason="an install without the
 def test_exp_relative_error_below_1e6():
     x = np.concatenate([np.linspace(-87, 88, 400001), -np.geomspace(1e-8, 87, 10001)])
     x = x.astype(np.float32)
-    got, _ = _cpu.host_math(x)
+    got, _, _ = _cpu.host_math(x)
     want = np.exp(x.astype(np.float64))
     assert np.max(np.abs(got / want - 1)) < 1e-6
 
@@ -17,18 +17,33 @@ def test_exp_relative_error_below_1e6():
 def test_log1p_exp_relative_error_below_1e6():
     x = np.concatenate([np.linspace(-87, 0, 400001), -np.geomspace(1e-9, 87, 10001)])
     x = x.astype(np.float32)
-    _, got = _cpu.host_math(x)
+    _, got, _ = _cpu.host_math(x)
     want = np.log1p(np.exp(x.astype(np.float64)))
     assert np.max(np.abs(got / want - 1)) < 1e-6
 
 
 def test_far_below_range_is_tiny_not_wrong():
-    _, got = _cpu.host_math(np.array([-88, -200, -1e30, -np.inf], np.float32))
+    _, got, _ = _cpu.host_math(np.array([-88, -200, -1e30, -np.inf], np.float32))
     assert (got >= 0).all() and (got < 2e-38).all()
 
 
+def test_log_relative_error_below_1e6():
+    # Positive normal floats, densely around 1 (where log is small) and across the whole range.
+    x = np.concatenate([np.linspace(0.5, 2, 400001), np.geomspace(1.2e-38, 3.4e38, 400001),
+                        1 + np.geomspace(1e-7, 1e-2, 10001), 1 - np.geomspace(6e-8, 1e-2, 10001)])
+    x = x.astype(np.float32)
+    _, _, got = _cpu.host_math(x)
+    want = np.log(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-30)) < 1e-6
+
+
+def test_log_edges():
+    _, _, got = _cpu.host_math(np.array([0, -0.0, -1, np.nan, 1], np.float32))
+    assert got[0] == got[1] == -np.inf and np.isnan(got[2:4]).all() and got[4] == 0
+
+
 def test_nan_stays_nan():
-    e, _ = _cpu.host_math(np.array([np.nan], np.float32))
+    e, _, _ = _cpu.host_math(np.array([np.nan], np.float32))
     assert np.isnan(e).all()
 
 
@@ -86,13 +101,11 @@ NORM_SHAPES = [(2, 5, 4, 1, 0), (3, 7, 3, 2, 1), (2, 9, 5, 17, 16), (1, 13, 6, 4
 
 
 @pytest.mark.parametrize("B,T,U1,V,blank", NORM_SHAPES)
-@pytest.mark.parametrize("with_best", [False, True])
-def test_norm_forward_kernel(B, T, U1, V, blank, with_best):
+def test_norm_forward_kernel(B, T, U1, V, blank):
     import jax
     from jax_transducer import _ffi
     E, P, e_rows, p_rows = _norm_case(B * 100 + V, B, T, U1, V)
-    sums, max_e, max_p, best = jax.jit(lambda *a: _ffi.norm_forward(*a, blank, with_best))(
-        E, P, e_rows, p_rows)
+    sums, max_e, max_p = jax.jit(lambda *a: _ffi.norm_forward(*a, blank))(E, P, e_rows, p_rows)
     e_used, p_used = _used(E, P, e_rows, p_rows)
     E64, P64 = np.where(e_used[..., None], E, 0.0), np.where(p_used[..., None], P, 0.0)
     want_me, want_mp = E64.max(-1) * e_used, P64.max(-1) * p_used
@@ -102,9 +115,52 @@ def test_norm_forward_kernel(B, T, U1, V, blank, with_best):
     p = np.exp(P64 - want_mp[..., None]) * p_used[..., None]
     prod = a[:, :, None, :] * p[:, None, :, :]
     np.testing.assert_allclose(np.asarray(sums), prod.sum(-1), rtol=2e-6, atol=1e-30)
-    if with_best:
-        prod[..., blank] = 0
-        np.testing.assert_allclose(np.asarray(best), prod.max(-1), rtol=2e-6, atol=1e-30)
+
+
+def _viterbi_moves_reference(E, P, e_rows, p_rows, blank):
+    """float64: blank and best-label move log-probabilities of the used cells, 0 elsewhere."""
+    e_used, p_used = _used(E, P, e_rows, p_rows)
+    cells = e_used[:, :, None] & p_used[:, None, :]
+    logits = np.where(cells[..., None], E[:, :, None, :].astype(np.float64) + P[:, None], 0)
+    top = logits.max(-1, keepdims=True)
+    log_norm = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
+    label = logits.copy()
+    label[..., blank] = -np.inf
+    return (np.where(cells, logits[..., blank] - log_norm, 0),
+            np.where(cells, label.max(-1) - log_norm, 0))
+
+
+@pytest.mark.parametrize("B,T,U1,V,blank", NORM_SHAPES + [(2, 40, 3, 5, 2), (3, 2, 21, 9, 4)])
+def test_norm_viterbi_kernel(B, T, U1, V, blank):
+    import jax
+    from jax_transducer import _ffi
+    E, P, e_rows, p_rows = _norm_case(B * 300 + V, B, T, U1, V)
+    got = jax.jit(lambda *a: _ffi.norm_viterbi(*a, blank))(E, P, e_rows, p_rows)
+    want = _viterbi_moves_reference(E, P, e_rows, p_rows, blank)
+    for g, w in zip(got, want):  # V = 1: no label but the blank, best_lp = -inf
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_viterbi_kernel_recomputes_flushed_cells():
+    # Example 0: emissions and predictions peak far apart, every product of shifted exponentials
+    # underflows (S = 0). Example 1: the best label's product underflows (M below sqrt(tiny)),
+    # S does not. Example 2 mixes ordinary cells with such ones in the same rows.
+    from jax_transducer import _ffi
+    rng = np.random.default_rng(12)
+    T, U1, V = 5, 4, 7
+    E = rng.normal(size=(3, T, V)).astype(np.float32)
+    P = rng.normal(size=(3, U1, V)).astype(np.float32)
+    E[0, :, :3], P[0, :, 3:] = -1000, -1000
+    E[1, :, 1:] -= 300
+    P[1, :, 1:] -= 300
+    E[2, ::2, 1:] -= 400
+    P[2, 1::2, 1:] -= 400
+    e_rows, p_rows = np.array([[T], [T], [T - 1]], np.int32), np.array([[U1], [U1 - 1], [U1]], np.int32)
+    got = _ffi.norm_viterbi(E, P, e_rows, p_rows, 0)
+    want = _viterbi_moves_reference(E, P, e_rows, p_rows, 0)
+    for g, w in zip(got, want):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("B,T,U1,V,blank", NORM_SHAPES)
@@ -119,7 +175,7 @@ def test_norm_backward_kernel(B, T, U1, V, blank):
                           for _ in range(3))
     labels = rng.integers(0, V, size=(B, U1)).astype(np.int32)
     labels[0, -1] = V + 3  # out of range: ignored, never written
-    _, max_e, _, _ = _ffi.norm_forward(E, P, e_rows, p_rows, blank, False)
+    _, max_e, _ = _ffi.norm_forward(E, P, e_rows, p_rows, blank)
     d_e, d_p = jax.jit(lambda *a: _ffi.norm_backward(*a, blank))(
         E, P, e_rows, p_rows, max_e, w, g_blank, g_emit, labels)
     E64, P64 = np.where(e_used[..., None], E, 0.0), np.where(p_used[..., None], P, 0.0)
@@ -146,8 +202,10 @@ def test_norm_kernels_clamp_row_counts():
     E, P = np.nan_to_num(E), np.nan_to_num(P, posinf=1.0)
     e_rows = np.array([[-7], [10**6]], np.int32)
     p_rows = np.array([[10**6], [-1]], np.int32)
-    sums, max_e, max_p, _ = _ffi.norm_forward(E, P, e_rows, p_rows, 0, False)
+    sums, max_e, max_p = _ffi.norm_forward(E, P, e_rows, p_rows, 0)
     assert (np.asarray(sums) == 0).all()  # example 0 has no frames, example 1 no predictions
+    for moves in _ffi.norm_viterbi(E, P, e_rows, p_rows, 0):
+        assert (np.asarray(moves) == 0).all()
     zeros = np.zeros((2, 4, 3), np.float32)
     d_e, d_p = _ffi.norm_backward(E, P, e_rows, p_rows, max_e, zeros, zeros, zeros,
                                   np.full((2, 3), 10**6, np.int32), 0)
@@ -164,5 +222,5 @@ def test_float32_uses_the_fused_cpu_normaliser(dtype, fused):
     hlo = loss.lower(*args).as_text()
     vit = jax.jit(jt.viterbi).lower(E, P, np.array([3]), np.array([2])).as_text()
     for name, text in (("jax_transducer_norm_forward", hlo), ("jax_transducer_norm_backward", hlo),
-                       ("jax_transducer_norm_forward", vit)):
+                       ("jax_transducer_norm_viterbi", vit)):
         assert (name in text) == fused

@@ -38,10 +38,11 @@ inline float sum8(v8f x) {
   return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
 }
 inline v8f max8(v8f a, v8f b) { return a > b ? a : b; }
-inline float max8_reduce(v8f x) {
-  float m = x[0];
-  for (int i = 1; i < kLanes; ++i) m = x[i] > m ? x[i] : m;
-  return m;
+inline float max8_reduce(v8f x) {  // halves, quarters, pairs: three shuffles and maxima
+  x = max8(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3));
+  x = max8(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5));
+  x = max8(x, __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6));
+  return x[0];
 }
 
 // exp(x) for the normaliser: 0 where the true value is below the smallest normal float (the
@@ -92,13 +93,14 @@ struct PredictionRows {
   const float* row(int64_t u) const { return &exp[u * nv_pad]; }
 };
 
-// S (and M) for rows a[0..MT) against prediction rows [u0, u0 + MU), over nv_pad lanes; the
-// blank column of `a` has been zeroed (so that M skips it) and is added back by the caller.
+// S (and M) for rows a[0..MT) against prediction rows [u0, u0 + MU) (clamped to u_end - 1),
+// over nv_pad lanes; the blank column of `a` has been zeroed (so that M skips it) and is added
+// back by the caller.
 template <int MT, int MU, bool kBest>
-inline void sums_tile(const float* const* a, const PredictionRows& p, int64_t u0, int64_t u1,
+inline void sums_tile(const float* const* a, const PredictionRows& p, int64_t u0, int64_t u_end,
                       float (&s)[MT][MU], float (&m)[MT][MU]) {
   const float* b[MU];
-  for (int j = 0; j < MU; ++j) b[j] = p.row(std::min<int64_t>(u0 + j, u1 - 1));
+  for (int j = 0; j < MU; ++j) b[j] = p.row(std::min<int64_t>(u0 + j, u_end - 1));
   v8f acc[MT][MU] = {};
   v8f best[MT][kBest ? MU : 1] = {};
   for (int64_t v = 0; v < p.nv_pad; v += kLanes) {
@@ -120,16 +122,27 @@ inline void sums_tile(const float* const* a, const PredictionRows& p, int64_t u0
     }
 }
 
-// Forward for frames [t0, t1) of one example: S rows, mE, and (kBest) M rows. Unused frames
-// (t >= e_len) and unused columns (u >= p_len) get 0.
+// Forward for frames [t0, t1) of one example: S rows, mE, and (kBest) M rows. Only the used cells
+// (t < e_len, u < p_len) are computed; the others get 0, as do mE past e_len.
 template <bool kBest>
 void normalizer_forward_rows(const float* E, const PredictionRows& p, int64_t u1, int64_t nv,
                              int32_t e_len, int32_t p_len, int32_t blank, int64_t t0, int64_t t1,
                              float* sums, float* max_e, float* best) {
   constexpr int MT = kBest ? 2 : 3, MU = kBest ? 3 : 4;
+  const int64_t t_end = std::min<int64_t>(t1, std::max<int64_t>(t0, e_len));
+  for (int64_t t = t_end; t < t1; ++t) max_e[t] = 0.0f;
+  for (float* out : {sums, best}) {
+    if (!out) continue;
+    std::fill(out + t_end * u1, out + t1 * u1, 0.0f);
+    for (int64_t t = t0; t < t_end; ++t) std::fill(out + t * u1 + p_len, out + (t + 1) * u1, 0.0f);
+  }
+  if (p_len <= 0) {  // no columns: mE still describes the used frames
+    for (int64_t t = t0; t < t_end; ++t) max_e[t] = row_max(E + t * nv, nv);
+    return;
+  }
   std::vector<float> tile(static_cast<size_t>(MT * p.nv_pad));
-  for (int64_t t = t0; t < t1; t += MT) {
-    const int rows = static_cast<int>(std::min<int64_t>(MT, t1 - t));
+  for (int64_t t = t0; t < t_end; t += MT) {
+    const int rows = static_cast<int>(std::min<int64_t>(MT, t_end - t));
     const float* a[MT];
     float a_blank[MT];
     for (int i = 0; i < MT; ++i) {
@@ -137,25 +150,89 @@ void normalizer_forward_rows(const float* E, const PredictionRows& p, int64_t u1
       float* row = &tile[r * p.nv_pad];
       a[i] = row;
       if (i >= rows) continue;
-      if (t + i < e_len) {
-        max_e[t + i] = exp_row(E + (t + i) * nv, nv, row, p.nv_pad);
-      } else {
-        max_e[t + i] = 0.0f;
-        std::fill(row, row + p.nv_pad, 0.0f);
-      }
+      max_e[t + i] = exp_row(E + (t + i) * nv, nv, row, p.nv_pad);
       a_blank[i] = row[blank];
       row[blank] = 0.0f;
     }
-    for (int64_t u = 0; u < u1; u += MU) {
+    for (int64_t u = 0; u < p_len; u += MU) {
       float s[MT][MU], m[MT][MU];
-      sums_tile<MT, MU, kBest>(a, p, u, u1, s, m);
+      sums_tile<MT, MU, kBest>(a, p, u, p_len, s, m);
       for (int i = 0; i < rows; ++i)
-        for (int j = 0; j < MU && u + j < u1; ++j) {
+        for (int j = 0; j < MU && u + j < p_len; ++j) {
           const int64_t c = (t + i) * u1 + u + j;
-          const bool used = t + i < e_len && u + j < p_len;
-          sums[c] = used ? s[i][j] + a_blank[i] * p.row(u + j)[blank] : 0.0f;
-          if constexpr (kBest) best[c] = used ? m[i][j] : 0.0f;
+          sums[c] = s[i][j] + a_blank[i] * p.row(u + j)[blank];
+          if constexpr (kBest) best[c] = m[i][j];
         }
+    }
+  }
+}
+
+// One frame of viterbi_moves_rows from its S and M rows, branch-free so that it vectorises; true
+// when some cell needs the exact pass.
+inline bool finish_viterbi_row(const float* __restrict s, const float* __restrict m,
+                               const float* __restrict max_p, const float* __restrict p_blank,
+                               float max_e, float e_blank, float s_floor, float tiny, int64_t n,
+                               float* __restrict blank_lp, float* __restrict best_lp) {
+  int inexact = 0;
+  for (int64_t u = 0; u < n; ++u) {
+    const float shift = max_e + max_p[u];
+    const float log_norm = shift + host_log(s[u]);
+    blank_lp[u] = (e_blank + p_blank[u]) - log_norm;
+    best_lp[u] = (shift + host_log(m[u])) - log_norm;
+    inexact |= (s[u] < s_floor) | (m[u] < tiny);
+  }
+  return inexact != 0;
+}
+
+// Viterbi's move scores for frames [t0, t1) of one example, finished in log space ((t, u) cells of
+// blank_lp and best_lp; 0 outside the used rows):
+//   blank_lp = E[t, blank] + P[u, blank] - log_norm,  log_norm = mE[t] + mP[u] + log S[t, u]
+//   best_lp  = best - log_norm,                        best     = mE[t] + mP[u] + log M[t, u]
+// with best = max_{v != blank} (E[t, v] + P[u, v]). Where products may have been flushed (S below
+// sqrt(tiny) * V, M below sqrt(tiny)), log_norm or best is recomputed from the cell's own scores,
+// as the XLA path does (_normalizer.py). max_p: the prediction rows' maxima (PredictionRows).
+inline void viterbi_moves_rows(const float* E, const float* P, const PredictionRows& p,
+                               const float* max_p, int64_t u1, int64_t nv, int32_t e_len,
+                               int32_t p_len, int32_t blank, int64_t t0, int64_t t1,
+                               float* blank_lp, float* best_lp) {
+  constexpr int64_t kBlock = 16;  // frames finished while their S and M rows are in cache
+  const float tiny = 1.08420217e-19f;  // sqrt(FLT_MIN)
+  const float s_floor = tiny * static_cast<float>(nv);
+  std::vector<float> max_e(static_cast<size_t>(t1)), p_blank(u1), s_row(u1), m_row(u1);
+  for (int64_t u = 0; u < p_len; ++u) p_blank[u] = P[u * nv + blank];
+  for (int64_t tb = t0; tb < t1; tb += kBlock) {
+    const int64_t te = std::min(tb + kBlock, t1);
+    normalizer_forward_rows<true>(E, p, u1, nv, e_len, p_len, blank, tb, te, blank_lp,
+                                  max_e.data(), best_lp);
+    for (int64_t t = tb; t < std::min<int64_t>(te, e_len); ++t) {
+      const float* e = E + t * nv;
+      float* bl = blank_lp + t * u1;
+      float* be = best_lp + t * u1;
+      std::copy(bl, bl + p_len, s_row.data());
+      std::copy(be, be + p_len, m_row.data());
+      if (!finish_viterbi_row(s_row.data(), m_row.data(), max_p, p_blank.data(), max_e[t],
+                              e[blank], s_floor, tiny, p_len, bl, be))
+        continue;
+      for (int64_t u = 0; u < p_len; ++u) {
+        if (!(s_row[u] < s_floor) && !(m_row[u] < tiny)) continue;
+        const float* pr = P + u * nv;
+        const float shift = max_e[t] + max_p[u];
+        double log_norm = shift + std::log(static_cast<double>(s_row[u]));
+        if (s_row[u] < s_floor) {  // log sum_v exp(E + P), in double
+          double top = -INFINITY, sum = 0.0;
+          for (int64_t v = 0; v < nv; ++v) top = std::max(top, double(e[v]) + double(pr[v]));
+          for (int64_t v = 0; v < nv; ++v) sum += std::exp(double(e[v]) + double(pr[v]) - top);
+          log_norm = top + std::log(sum);
+        }
+        double best = shift + std::log(static_cast<double>(m_row[u]));
+        if (m_row[u] < tiny) {  // -inf when the blank is the only label
+          best = -INFINITY;
+          for (int64_t v = 0; v < nv; ++v)
+            if (v != blank) best = std::max(best, double(e[v]) + double(pr[v]));
+        }
+        bl[u] = static_cast<float>((double(e[blank]) + double(p_blank[u])) - log_norm);
+        be[u] = static_cast<float>(best - log_norm);
+      }
     }
   }
 }
@@ -197,8 +274,8 @@ inline void weighted_prediction_rows(const float* const* w, const PredictionRows
 inline void normalizer_backward_rows(const float* E, const PredictionRows& p, const float* max_e,
                                      const float* w, const float* g_blank, const float* g_emit,
                                      const int32_t* labels, int64_t u1, int64_t nv, int32_t e_len,
-                                     int32_t blank, int64_t t0, int64_t t1, float* d_e,
-                                     float* y) {
+                                     int32_t p_len, int32_t blank, int64_t t0, int64_t t1,
+                                     float* d_e, float* y) {
   constexpr int MT = 2 * kRowsX;  // frames per tile: each y row is read and written once per tile
   const int64_t nv_pad = p.nv_pad;
   std::vector<float> tile(static_cast<size_t>(2 * MT * nv_pad));
@@ -223,7 +300,7 @@ inline void normalizer_backward_rows(const float* E, const PredictionRows& p, co
     for (int h = 0; h < rows; h += kRowsX) {
       const float* wr[kRowsX];
       for (int i = 0; i < kRowsX; ++i) wr[i] = w + (t + std::min(h + i, rows - 1)) * u1;
-      weighted_prediction_rows(wr, p, u1, x + h * nv_pad);
+      weighted_prediction_rows(wr, p, p_len, x + h * nv_pad);  // p's rows past p_len are 0
     }
     // dE rows: exponentials times x, then the blank and label columns.
     for (int i = 0; i < rows; ++i) {
@@ -240,8 +317,8 @@ inline void normalizer_backward_rows(const float* E, const PredictionRows& p, co
       }
       out[blank] += gb;
     }
-    // y += W^T a for these rows (rows past `rows` are zero in a).
-    for (int64_t u = 0; u < u1; ++u) {
+    // y += W^T a for these rows (rows past `rows` are zero in a; y's rows past p_len are unused).
+    for (int64_t u = 0; u < p_len; ++u) {
       v8f wv[MT];
       for (int i = 0; i < MT; ++i) wv[i] = splat8(i < rows ? w[(t + i) * u1 + u] : 0.0f);
       float* yr = y + u * nv_pad;

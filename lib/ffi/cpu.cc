@@ -228,24 +228,20 @@ ffi::Error norm_dims(const ffi::AnyBuffer& emissions, const ffi::AnyBuffer& pred
   return ffi::Error::Success();
 }
 
-template <bool kBest>
 JT_CPU_CLONES void norm_forward_item(const float* E, const float* P, const NormDims& n,
                                      int32_t e_len, int32_t p_len, int32_t blank, int64_t t0,
-                                     int64_t t1, float* sums, float* max_e, float* max_p,
-                                     float* best) {
+                                     int64_t t1, float* sums, float* max_e, float* max_p) {
   const cpu::PredictionRows p(P, max_p, n.u1, n.nv, p_len);
-  cpu::normalizer_forward_rows<kBest>(E, p, n.u1, n.nv, e_len, p_len, blank, t0, t1, sums,
-                                      max_e, best);
+  cpu::normalizer_forward_rows<false>(E, p, n.u1, n.nv, e_len, p_len, blank, t0, t1, sums, max_e,
+                                      nullptr);
 }
 
-// S = exp(E - mE) @ exp(P - mP)^T with the row maxima mE, mP; with with_best, also the largest
-// product over v != blank. Rows past the given counts are read as absent: their S, M and maxima
-// are 0.
+// S = exp(E - mE) @ exp(P - mP)^T with the row maxima mE, mP. Rows past the given counts are read
+// as absent: their S and maxima are 0.
 ffi::Error NormForward(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyBuffer predictions,
                        ffi::Buffer<ffi::S32> e_rows, ffi::Buffer<ffi::S32> p_rows, int32_t blank,
-                       bool with_best, ffi::Result<ffi::AnyBuffer> sums,
-                       ffi::Result<ffi::AnyBuffer> max_e, ffi::Result<ffi::AnyBuffer> max_p,
-                       ffi::Result<ffi::AnyBuffer> best) {
+                       ffi::Result<ffi::AnyBuffer> sums, ffi::Result<ffi::AnyBuffer> max_e,
+                       ffi::Result<ffi::AnyBuffer> max_p) {
   NormDims n;
   if (auto err = norm_dims(emissions, predictions, e_rows.dimensions(), p_rows.dimensions(),
                            blank, &n);
@@ -254,9 +250,7 @@ ffi::Error NormForward(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyB
   LatticeDims d{n.batch, n.nt, n.u1};
   if (auto err = first_failure({expect_shape("sums", sums->dimensions(), d, n.nt, n.u1),
                                 expect_shape("max_e", max_e->dimensions(), d, n.nt),
-                                expect_shape("max_p", max_p->dimensions(), d, n.u1),
-                                with_best ? expect_shape("best", best->dimensions(), d, n.nt, n.u1)
-                                          : ffi::Error::Success()});
+                                expect_shape("max_p", max_p->dimensions(), d, n.u1)});
       err.failure())
     return err;
   const float* E = emissions.typed_data<float>();
@@ -268,11 +262,49 @@ ffi::Error NormForward(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyB
     const int64_t cells = b * n.nt * n.u1;
     // Only the first chunk of an example writes its prediction maxima.
     float* mp = item % chunks == 0 ? max_p->typed_data<float>() + b * n.u1 : nullptr;
-    float* bst = with_best ? best->typed_data<float>() + cells : nullptr;
-    auto run = with_best ? norm_forward_item<true> : norm_forward_item<false>;
-    run(E + b * n.nt * n.nv, P + b * n.u1 * n.nv, n, n.e_len(e_rows.typed_data(), b),
-        n.p_len(p_rows.typed_data(), b), blank, t0, t1, sums->typed_data<float>() + cells,
-        max_e->typed_data<float>() + b * n.nt, mp, bst);
+    norm_forward_item(E + b * n.nt * n.nv, P + b * n.u1 * n.nv, n,
+                      n.e_len(e_rows.typed_data(), b), n.p_len(p_rows.typed_data(), b), blank, t0,
+                      t1, sums->typed_data<float>() + cells, max_e->typed_data<float>() + b * n.nt,
+                      mp);
+  });
+  return ffi::Error::Success();
+}
+
+JT_CPU_CLONES void norm_viterbi_item(const float* E, const float* P, const NormDims& n,
+                                     int32_t e_len, int32_t p_len, int32_t blank, int64_t t0,
+                                     int64_t t1, float* blank_lp, float* best_lp) {
+  std::vector<float> max_p(n.u1);
+  const cpu::PredictionRows p(P, max_p.data(), n.u1, n.nv, p_len);
+  cpu::viterbi_moves_rows(E, P, p, max_p.data(), n.u1, n.nv, e_len, p_len, blank, t0, t1,
+                          blank_lp, best_lp);
+}
+
+// Viterbi's blank and best-label move log-probabilities (cpu::viterbi_moves_rows): the forward
+// with the per-cell max, finished here instead of in XLA passes over (B, T, U+1) arrays.
+ffi::Error NormViterbi(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyBuffer predictions,
+                       ffi::Buffer<ffi::S32> e_rows, ffi::Buffer<ffi::S32> p_rows, int32_t blank,
+                       ffi::Result<ffi::AnyBuffer> blank_lp, ffi::Result<ffi::AnyBuffer> best_lp) {
+  NormDims n;
+  if (auto err = norm_dims(emissions, predictions, e_rows.dimensions(), p_rows.dimensions(),
+                           blank, &n);
+      err.failure())
+    return err;
+  LatticeDims d{n.batch, n.nt, n.u1};
+  if (auto err = first_failure({expect_shape("blank_lp", blank_lp->dimensions(), d, n.nt, n.u1),
+                                expect_shape("best_lp", best_lp->dimensions(), d, n.nt, n.u1)});
+      err.failure())
+    return err;
+  const float* E = emissions.typed_data<float>();
+  const float* P = predictions.typed_data<float>();
+  const int64_t chunks = n.chunks(pool), span = (n.nt + chunks - 1) / chunks;
+  parallel_for(pool, n.batch * chunks, [&](int64_t item) {
+    const int64_t b = item / chunks, t0 = std::min(n.nt, (item % chunks) * span),
+                  t1 = std::min(n.nt, t0 + span);
+    const int64_t cells = b * n.nt * n.u1;
+    norm_viterbi_item(E + b * n.nt * n.nv, P + b * n.u1 * n.nv, n,
+                      n.e_len(e_rows.typed_data(), b), n.p_len(p_rows.typed_data(), b), blank,
+                      t0, t1, blank_lp->typed_data<float>() + cells,
+                      best_lp->typed_data<float>() + cells);
   });
   return ffi::Error::Success();
 }
@@ -285,7 +317,7 @@ JT_CPU_CLONES void norm_backward_item(const float* E, const float* P, const Norm
   const cpu::PredictionRows p(P, nullptr, n.u1, n.nv, p_len);
   std::fill(y, y + n.u1 * p.nv_pad, 0.0f);
   cpu::normalizer_backward_rows(E, p, max_e, w, g_blank, g_emit, labels, n.u1, n.nv, e_len,
-                                blank, t0, t1, d_e, y);
+                                p_len, blank, t0, t1, d_e, y);
   if (d_p)
     cpu::normalizer_prediction_grad(p, y, g_blank, g_emit, labels, n.nt, n.u1, n.nv, p_len,
                                     blank, d_p);
@@ -401,9 +433,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JtNormForwardCpu, NormForward,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<int32_t>("blank")
-                                  .Attr<bool>("with_best")
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtNormViterbiCpu, NormViterbi,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("blank")
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 
@@ -427,14 +468,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JtNormBackwardCpu, NormBackward,
 
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "jax_transducer CPU kernels (XLA FFI handlers)";
-  // For tests/test_kernels.py: the float math the CPU kernels use, elementwise.
+  // For tests/test_kernels.py: the float math the CPU kernels use, elementwise: exp(x),
+  // log1p(exp(x)) and log(x).
   m.def("host_math", [](pybind11::array_t<float, pybind11::array::c_style> x) {
-    pybind11::array_t<float> e(x.size()), l(x.size());
+    pybind11::array_t<float> e(x.size()), l(x.size()), g(x.size());
     for (pybind11::ssize_t i = 0; i < x.size(); ++i) {
       e.mutable_at(i) = jax_transducer::jt_exp(x.at(i));
       l.mutable_at(i) = jax_transducer::log1p_exp(x.at(i));
+      g.mutable_at(i) = jax_transducer::host_log(x.at(i));
     }
-    return pybind11::make_tuple(e, l);
+    return pybind11::make_tuple(e, l, g);
   });
   m.def("log_add", [](float a, float b) { return jax_transducer::log_add(a, b); });
   m.def("registrations", []() {
@@ -450,6 +493,8 @@ PYBIND11_MODULE(_cpu, m) {
         py::capsule(reinterpret_cast<void*>(jax_transducer::JtNormForwardCpu));
     d["jax_transducer_norm_backward"] =
         py::capsule(reinterpret_cast<void*>(jax_transducer::JtNormBackwardCpu));
+    d["jax_transducer_norm_viterbi"] =
+        py::capsule(reinterpret_cast<void*>(jax_transducer::JtNormViterbiCpu));
     return d;
   });
 }
