@@ -228,11 +228,14 @@ def norm_viterbi(emissions, predictions, e_rows, p_rows, blank):
                                                                    p_rows)
 
 
-def norm_backward(emissions, predictions, e_rows, p_rows, max_e, w, g_blank, g_emit, labels,
-                  blank):
+def norm_backward(emissions, predictions, e_rows, p_rows, max_e, w, g_blank, g_emit, log_norm,
+                  g_exact, labels, blank):
     """CPU, float32. dE (B, T, V) and dP (B, U+1, V) of the move log-probabilities for their
-    cotangents g_blank, g_emit (B, T, U+1), with W = -(g_blank + g_emit) / S; labels (B, U+1)."""
+    cotangents g_blank, g_emit (B, T, U+1), with W = -(g_blank + g_emit) / S where S is exact and
+    g_exact = -(g_blank + g_emit) (0 elsewhere) where the share comes from the scores and log_norm
+    (B, T, U+1); labels (B, U+1)."""
     def results(e, p, *_):
         return (_like(e), _like(p))
     call = _kernel(NORM_BACKWARD, results, blank=np.int32(blank))
-    return call(emissions, predictions, e_rows, p_rows, max_e, w, g_blank, g_emit, labels)
+    return call(emissions, predictions, e_rows, p_rows, max_e, w, g_blank, g_emit, log_norm,
+                g_exact, labels)

@@ -86,7 +86,7 @@ def _sums_cpu(emissions, predictions, e_used, p_used, *, blank):
 
 
 def _grads_xla(emissions, predictions, labels, e_used, p_used, max_e, max_p, w, g_blank, g_emit,
-               *, blank):
+               log_norm, g_exact, *, blank):
     exp_e = jnp.where(e_used[..., None], jnp.exp(emissions - max_e[..., None]), 0)
     exp_p = jnp.where(p_used[..., None], jnp.exp(predictions - max_p[..., None]), 0)
     # Unused rows are zeroed explicitly: a NaN in some example's used rows would otherwise reach
@@ -100,13 +100,20 @@ def _grads_xla(emissions, predictions, labels, e_used, p_used, max_e, max_p, w, 
     _, gathers_vjp = jax.vjp(lambda e, p: _gathers(e, p, labels, e_used, p_used, blank),
                              emissions, predictions)
     cols_e, cols_p = gathers_vjp((g_blank, g_emit))
-    return d_e + cols_e, d_p + cols_p
+
+    def exact(grads):
+        extra = _exact_grads(emissions, _masked(predictions, p_used), e_used, g_exact, log_norm)
+        return grads[0] + extra[0], grads[1] + extra[1]
+
+    return jax.lax.cond(jnp.any(g_exact != 0), exact, lambda x: x, (d_e + cols_e, d_p + cols_p))
 
 
 def _grads_cpu(emissions, predictions, labels, e_used, p_used, max_e, max_p, w, g_blank, g_emit,
-               *, blank):
+               log_norm, g_exact, *, blank):
+    # The kernel adds the exact cells' shares itself: a lax.cond around its (B, T, V) result
+    # would cost a copy of it.
     return _ffi.norm_backward(emissions, predictions, *_row_counts(e_used, p_used), max_e, w,
-                              g_blank, g_emit, labels, blank)
+                              g_blank, g_emit, log_norm, g_exact, labels, blank)
 
 
 def _on_platform(xla_fn, cpu_fn, dtype, impl, **static):
@@ -189,17 +196,13 @@ def _move_log_probs_bwd(blank, impl, residuals, g):
     # Cells outside the used rows get no gradient, whatever their cotangent holds.
     g_blank, g_emit = (jnp.where(cell_used, x, 0) for x in g)
     g_norm = -(g_blank + g_emit)
+    # Inexact cells' shares are computed from the scores themselves (g_exact), the others' through
+    # the matmuls (w).
     w = jnp.where(cell_used & ~inexact, g_norm / sums, 0)
+    g_exact = jnp.where(inexact, g_norm, 0)
     grads_fn = _on_platform(_grads_xla, _grads_cpu, emissions.dtype, impl, blank=blank)
     d_e, d_p = grads_fn(emissions, predictions, labels, e_used, p_used, max_e, max_p, w, g_blank,
-                        g_emit)
-
-    def exact(grads):
-        extra = _exact_grads(emissions, _masked(predictions, p_used), e_used,
-                             jnp.where(inexact, g_norm, 0), log_norm)
-        return grads[0] + extra[0], grads[1] + extra[1]
-
-    d_e, d_p = jax.lax.cond(jnp.any(inexact), exact, lambda x: x, (d_e, d_p))
+                        g_emit, log_norm, g_exact)
     return d_e, d_p, None, None, None
 
 

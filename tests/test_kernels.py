@@ -173,16 +173,25 @@ def test_norm_backward_kernel(B, T, U1, V, blank):
     cells = e_used[:, :, None] & p_used[:, None, :]
     w, g_blank, g_emit = (np.where(cells, rng.normal(size=(B, T, U1)), 0).astype(np.float32)
                           for _ in range(3))
+    # About a third of the cells take the exact path: W = 0 there, g_exact carries their weight.
+    exact = cells & (rng.random((B, T, U1)) < 0.3)
+    g_exact = np.where(exact, w, 0).astype(np.float32)
+    w = np.where(exact, 0, w).astype(np.float32)
     labels = rng.integers(0, V, size=(B, U1)).astype(np.int32)
     labels[0, -1] = V + 3  # out of range: ignored, never written
     _, max_e, _ = _ffi.norm_forward(E, P, e_rows, p_rows, blank)
-    d_e, d_p = jax.jit(lambda *a: _ffi.norm_backward(*a, blank))(
-        E, P, e_rows, p_rows, max_e, w, g_blank, g_emit, labels)
     E64, P64 = np.where(e_used[..., None], E, 0.0), np.where(p_used[..., None], P, 0.0)
+    logits = E64[:, :, None, :] + P64[:, None, :, :]
+    log_norm = np.log(np.exp(logits).sum(-1)).astype(np.float32) * cells
+    d_e, d_p = jax.jit(lambda *a: _ffi.norm_backward(*a, blank))(
+        E, P, e_rows, p_rows, max_e, w, g_blank, g_emit, log_norm, g_exact, labels)
     a = np.exp(E64 - E64.max(-1, keepdims=True)) * e_used[..., None]
     p = np.exp(P64 - P64.max(-1, keepdims=True)) * p_used[..., None]
     want_e = a * np.einsum("btu,buv->btv", w, p)
     want_p = p * np.einsum("btu,btv->buv", w, a)
+    share = g_exact[..., None] * np.exp(logits - log_norm[..., None].astype(np.float64))
+    want_e += share.sum(2)
+    want_p += share.sum(1)
     for b in range(B):
         want_e[b, :, blank] += g_blank[b].sum(1)
         want_p[b, :, blank] += g_blank[b].sum(0)
@@ -206,8 +215,8 @@ def test_norm_kernels_clamp_row_counts():
     assert (np.asarray(sums) == 0).all()  # example 0 has no frames, example 1 no predictions
     for moves in _ffi.norm_viterbi(E, P, e_rows, p_rows, 0):
         assert (np.asarray(moves) == 0).all()
-    zeros = np.zeros((2, 4, 3), np.float32)
-    d_e, d_p = _ffi.norm_backward(E, P, e_rows, p_rows, max_e, zeros, zeros, zeros,
+    zeros, ones = np.zeros((2, 4, 3), np.float32), np.ones((2, 4, 3), np.float32)
+    d_e, d_p = _ffi.norm_backward(E, P, e_rows, p_rows, max_e, zeros, zeros, zeros, zeros, ones,
                                   np.full((2, 3), 10**6, np.int32), 0)
     assert np.isfinite(np.asarray(d_e)).all() and np.isfinite(np.asarray(d_p)).all()
 

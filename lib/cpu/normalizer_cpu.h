@@ -271,11 +271,41 @@ inline void weighted_prediction_rows(const float* const* w, const PredictionRows
 
 // Backward for frames [t0, t1) of one example: writes dE rows (exponential part plus the blank
 // and label columns) and adds sum_t W[t, u] a[t, v] into y (u1 x nv_pad, zeroed by the caller).
+//
+// Cells whose S was inexact (see _normalizer.py) have W = 0 and their cotangent g_exact[t, u] != 0:
+// their share, g_exact * exp(E[t, :] + P[u, :] - log_norm[t, u]), is computed from the scores
+// themselves, added to dE and, for dP, to `extra` (u1 x nv_pad, zeroed by the caller; *has_extra
+// tells whether any was added).
+struct ExactCells {
+  const float* P;         // raw prediction rows (u1 x nv)
+  const float* log_norm;  // (nt x u1)
+  const float* g_exact;   // (nt x u1)
+  float* extra;
+  bool* has_extra;
+};
+
+inline void exact_cell_shares(const float* e, int64_t t, int64_t u1, int64_t nv, int64_t nv_pad,
+                              int32_t p_len, const ExactCells& x, float* d_e_row) {
+  for (int64_t u = 0; u < p_len; ++u) {
+    const float g = x.g_exact[t * u1 + u];
+    if (g == 0.0f) continue;
+    *x.has_extra = true;
+    const float* pr = x.P + u * nv;
+    const float ln = x.log_norm[t * u1 + u];
+    float* er = x.extra + u * nv_pad;
+    for (int64_t v = 0; v < nv; ++v) {
+      const float q = g * norm_exp((e[v] + pr[v]) - ln);
+      d_e_row[v] += q;
+      er[v] += q;
+    }
+  }
+}
+
 inline void normalizer_backward_rows(const float* E, const PredictionRows& p, const float* max_e,
                                      const float* w, const float* g_blank, const float* g_emit,
                                      const int32_t* labels, int64_t u1, int64_t nv, int32_t e_len,
                                      int32_t p_len, int32_t blank, int64_t t0, int64_t t1,
-                                     float* d_e, float* y) {
+                                     const ExactCells& exact, float* d_e, float* y) {
   constexpr int MT = 2 * kRowsX;  // frames per tile: each y row is read and written once per tile
   const int64_t nv_pad = p.nv_pad;
   std::vector<float> tile(static_cast<size_t>(2 * MT * nv_pad));
@@ -316,6 +346,7 @@ inline void normalizer_backward_rows(const float* E, const PredictionRows& p, co
         if (l >= 0 && l < nv) out[l] += g_emit[cell + u];
       }
       out[blank] += gb;
+      exact_cell_shares(E + (t + i) * nv, t + i, u1, nv, nv_pad, p_len, exact, out);
     }
     // y += W^T a for these rows (rows past `rows` are zero in a; y's rows past p_len are unused).
     for (int64_t u = 0; u < p_len; ++u) {
@@ -331,9 +362,10 @@ inline void normalizer_backward_rows(const float* E, const PredictionRows& p, co
   }
 }
 
-// dP rows of one example from y = sum_t W[t, u] a[t, :] (u1 x nv_pad): the exponential part and
-// the blank and label columns; rows u >= p_len are zero.
-inline void normalizer_prediction_grad(const PredictionRows& p, const float* y,
+// dP rows of one example from y = sum_t W[t, u] a[t, :] (u1 x nv_pad): the exponential part, the
+// exact cells' shares (extra, u1 x nv_pad, or null) and the blank and label columns; rows
+// u >= p_len are zero.
+inline void normalizer_prediction_grad(const PredictionRows& p, const float* y, const float* extra,
                                        const float* g_blank, const float* g_emit,
                                        const int32_t* labels, int64_t nt, int64_t u1, int64_t nv,
                                        int32_t p_len, int32_t blank, float* d_p) {
@@ -352,6 +384,8 @@ inline void normalizer_prediction_grad(const PredictionRows& p, const float* y,
     const float* pr = p.row(u);
     const float* yr = y + u * p.nv_pad;
     for (int64_t v = 0; v < nv; ++v) out[v] = pr[v] * yr[v];
+    if (extra)
+      for (int64_t v = 0; v < nv; ++v) out[v] += extra[u * p.nv_pad + v];
     out[blank] += col_blank[u];
     if (labels[u] >= 0 && labels[u] < nv) out[labels[u]] += col_label[u];
   }

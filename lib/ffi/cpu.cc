@@ -309,34 +309,49 @@ ffi::Error NormViterbi(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyB
   return ffi::Error::Success();
 }
 
+// Each item's sum_t W a (u1 x nv_pad) and its exact cells' dP shares (the same size; has_extra
+// when the item has such cells).
+struct PredictionPartial {
+  std::vector<float> y, extra;
+  bool has_extra = false;
+};
+
 JT_CPU_CLONES void norm_backward_item(const float* E, const float* P, const NormDims& n,
                                       int32_t e_len, int32_t p_len, int32_t blank, int64_t t0,
                                       int64_t t1, const float* max_e, const float* w,
                                       const float* g_blank, const float* g_emit,
-                                      const int32_t* labels, float* d_e, float* y, float* d_p) {
+                                      const float* log_norm, const float* g_exact,
+                                      const int32_t* labels, float* d_e, PredictionPartial& part,
+                                      float* d_p) {
   const cpu::PredictionRows p(P, nullptr, n.u1, n.nv, p_len);
-  std::fill(y, y + n.u1 * p.nv_pad, 0.0f);
+  part.y.assign(static_cast<size_t>(n.u1 * p.nv_pad), 0.0f);
+  part.extra.assign(part.y.size(), 0.0f);
+  const cpu::ExactCells exact{P, log_norm, g_exact, part.extra.data(), &part.has_extra};
   cpu::normalizer_backward_rows(E, p, max_e, w, g_blank, g_emit, labels, n.u1, n.nv, e_len,
-                                p_len, blank, t0, t1, d_e, y);
+                                p_len, blank, t0, t1, exact, d_e, part.y.data());
   if (d_p)
-    cpu::normalizer_prediction_grad(p, y, g_blank, g_emit, labels, n.nt, n.u1, n.nv, p_len,
-                                    blank, d_p);
+    cpu::normalizer_prediction_grad(p, part.y.data(), part.has_extra ? part.extra.data() : nullptr,
+                                    g_blank, g_emit, labels, n.nt, n.u1, n.nv, p_len, blank, d_p);
 }
 
 JT_CPU_CLONES void norm_prediction_item(const float* P, const NormDims& n, int32_t p_len,
-                                        int32_t blank, const float* y, const float* g_blank,
-                                        const float* g_emit, const int32_t* labels, float* d_p) {
+                                        int32_t blank, const float* y, const float* extra,
+                                        const float* g_blank, const float* g_emit,
+                                        const int32_t* labels, float* d_p) {
   const cpu::PredictionRows p(P, nullptr, n.u1, n.nv, p_len);
-  cpu::normalizer_prediction_grad(p, y, g_blank, g_emit, labels, n.nt, n.u1, n.nv, p_len, blank,
-                                  d_p);
+  cpu::normalizer_prediction_grad(p, y, extra, g_blank, g_emit, labels, n.nt, n.u1, n.nv, p_len,
+                                  blank, d_p);
 }
 
 // The normaliser's and the gathers' gradient: dE, dP for cotangents g_blank, g_emit of the move
-// log-probabilities, with W = -(g_blank + g_emit) / S (zero where the exact pass takes over).
+// log-probabilities, with W = -(g_blank + g_emit) / S where S is exact, and g_exact =
+// -(g_blank + g_emit) (0 elsewhere) at the cells whose share is computed from the scores and
+// log_norm (cpu::exact_cell_shares).
 ffi::Error NormBackward(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyBuffer predictions,
                         ffi::Buffer<ffi::S32> e_rows, ffi::Buffer<ffi::S32> p_rows,
                         ffi::Buffer<ffi::F32> max_e, ffi::Buffer<ffi::F32> w,
                         ffi::Buffer<ffi::F32> g_blank, ffi::Buffer<ffi::F32> g_emit,
+                        ffi::Buffer<ffi::F32> log_norm, ffi::Buffer<ffi::F32> g_exact,
                         ffi::Buffer<ffi::S32> labels, int32_t blank,
                         ffi::Result<ffi::AnyBuffer> d_e, ffi::Result<ffi::AnyBuffer> d_p) {
   NormDims n;
@@ -349,6 +364,8 @@ ffi::Error NormBackward(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::Any
                                 expect_shape("w", w.dimensions(), d, n.nt, n.u1),
                                 expect_shape("g_blank", g_blank.dimensions(), d, n.nt, n.u1),
                                 expect_shape("g_emit", g_emit.dimensions(), d, n.nt, n.u1),
+                                expect_shape("log_norm", log_norm.dimensions(), d, n.nt, n.u1),
+                                expect_shape("g_exact", g_exact.dimensions(), d, n.nt, n.u1),
                                 expect_shape("labels", labels.dimensions(), d, n.u1),
                                 expect_shape("d_e", d_e->dimensions(), d, n.nt, n.nv),
                                 expect_shape("d_p", d_p->dimensions(), d, n.u1, n.nv)});
@@ -358,31 +375,36 @@ ffi::Error NormBackward(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::Any
   const float* P = predictions.typed_data<float>();
   prefer_huge_pages(d_e->untyped_data(), d_e->size_bytes());
   const int64_t chunks = n.chunks(pool), span = (n.nt + chunks - 1) / chunks;
-  const int64_t nv_pad = cpu::padded(n.nv), cells = n.nt * n.u1;
-  // sum_t W a for each (example, chunk); with one chunk per example it stays in the item.
-  std::vector<float> partial(chunks > 1 ? static_cast<size_t>(n.batch * chunks * n.u1 * nv_pad)
-                                        : 0);
+  const int64_t cells = n.nt * n.u1;
+  // With one chunk per example the item finishes dP itself; otherwise the chunks' partials are
+  // summed per example afterwards.
+  std::vector<PredictionPartial> partial(chunks > 1 ? n.batch * chunks : 0);
   parallel_for(pool, n.batch * chunks, [&](int64_t item) {
     const int64_t b = item / chunks, t0 = std::min(n.nt, (item % chunks) * span),
                   t1 = std::min(n.nt, t0 + span);
-    std::vector<float> local(chunks > 1 ? 0 : static_cast<size_t>(n.u1 * nv_pad));
-    float* y = chunks > 1 ? &partial[item * n.u1 * nv_pad] : local.data();
+    PredictionPartial local;
     norm_backward_item(E + b * n.nt * n.nv, P + b * n.u1 * n.nv, n,
                        n.e_len(e_rows.typed_data(), b), n.p_len(p_rows.typed_data(), b), blank,
                        t0, t1, max_e.typed_data() + b * n.nt, w.typed_data() + b * cells,
                        g_blank.typed_data() + b * cells, g_emit.typed_data() + b * cells,
+                       log_norm.typed_data() + b * cells, g_exact.typed_data() + b * cells,
                        labels.typed_data() + b * n.u1,
-                       d_e->typed_data<float>() + b * n.nt * n.nv, y,
+                       d_e->typed_data<float>() + b * n.nt * n.nv,
+                       chunks > 1 ? partial[item] : local,
                        chunks > 1 ? nullptr : d_p->typed_data<float>() + b * n.u1 * n.nv);
   });
   if (chunks > 1) {
     parallel_for(pool, n.batch, [&](int64_t b) {
-      float* y = &partial[b * chunks * n.u1 * nv_pad];
+      PredictionPartial& sum = partial[b * chunks];
       for (int64_t k = 1; k < chunks; ++k) {
-        const float* other = y + k * n.u1 * nv_pad;
-        for (int64_t i = 0; i < n.u1 * nv_pad; ++i) y[i] += other[i];
+        const PredictionPartial& other = partial[b * chunks + k];
+        for (size_t i = 0; i < sum.y.size(); ++i) sum.y[i] += other.y[i];
+        if (!other.has_extra) continue;
+        sum.has_extra = true;
+        for (size_t i = 0; i < sum.extra.size(); ++i) sum.extra[i] += other.extra[i];
       }
-      norm_prediction_item(P + b * n.u1 * n.nv, n, n.p_len(p_rows.typed_data(), b), blank, y,
+      norm_prediction_item(P + b * n.u1 * n.nv, n, n.p_len(p_rows.typed_data(), b), blank,
+                           sum.y.data(), sum.has_extra ? sum.extra.data() : nullptr,
                            g_blank.typed_data() + b * cells, g_emit.typed_data() + b * cells,
                            labels.typed_data() + b * n.u1,
                            d_p->typed_data<float>() + b * n.u1 * n.nv);
@@ -455,6 +477,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JtNormBackwardCpu, NormBackward,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
