@@ -209,14 +209,16 @@ def _cells(e, p, *_):
     return _like(e, shape=e.shape[:2] + p.shape[1:2])
 
 
-def norm_forward(emissions, predictions, e_rows, p_rows, blank):
-    """CPU, float32. S = exp(E - mE) @ exp(P - mP)^T (B, T, U+1), mE (B, T), mP (B, U+1). Only
-    the first e_rows[b, 0] rows of E and p_rows[b, 0] rows of P are read; the others count as
-    absent (S and maxima 0)."""
-    results = lambda e, p, *_: (_cells(e, p), _like(e, shape=e.shape[:2]),
+def norm_forward(emissions, predictions, e_rows, p_rows, labels, blank):
+    """CPU, float32. The move log-probabilities blank_lp and emit_lp (labels (B, U+1) int32), and
+    for the gradient log_norm, S = exp(E - mE) @ exp(P - mP)^T (these four (B, T, U+1)) and the
+    row maxima mE (B, T), mP (B, U+1) (lib/cpu/normalizer_cpu.h). Only the first e_rows[b, 0] rows
+    of E and p_rows[b, 0] rows of P are read; the others count as absent (their cells and maxima
+    are 0)."""
+    results = lambda e, p, *_: (*[_cells(e, p)] * 4, _like(e, shape=e.shape[:2]),
                                 _like(p, shape=p.shape[:2]))
     return _kernel(NORM_FORWARD, results, blank=np.int32(blank))(emissions, predictions, e_rows,
-                                                                   p_rows)
+                                                                   p_rows, labels)
 
 
 def norm_viterbi(emissions, predictions, e_rows, p_rows, blank):

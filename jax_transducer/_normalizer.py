@@ -67,22 +67,37 @@ def _gathers(emissions, predictions, labels, e_used, p_used, blank):
     return e_blank + p_blank, e_label + p_label
 
 
-# Two implementations of the sums and of the gradient assembly, with the same inputs and results:
-# XLA dots and fusions (GPU, float64, and CPU installs without the fused kernels), and the CPU's
-# fused float32 kernels (lib/cpu/normalizer_cpu.h), which never store the exponentials.
+# Two implementations of the forward and of the gradient assembly, with the same inputs and
+# results: XLA dots and fusions (GPU, float64, and CPU installs without the fused kernels), and the
+# CPU's fused float32 kernels (lib/cpu/normalizer_cpu.h), which never store the exponentials and
+# finish the move log-probabilities (exact cells included) in the same pass.
 
-def _sums_xla(emissions, predictions, e_used, p_used, *, blank):
+def _inexact_floor(dtype, V):
+    """Products below `tiny` may have been flushed: against S >= sqrt(tiny) * V, all V of them
+    together weigh at most sqrt(tiny) relative. Cells below that are recomputed exactly."""
+    return jnp.sqrt(jnp.finfo(dtype).tiny) * V
+
+
+def _forward_xla(emissions, predictions, labels, e_used, p_used, *, blank):
     exp_e, max_e = _exponentials(emissions, e_used)
     exp_p, max_p = _exponentials(predictions, p_used)
-    return jnp.einsum("btv,buv->btu", exp_e, exp_p, precision=PRECISION), max_e, max_p
+    sums = jnp.einsum("btv,buv->btu", exp_e, exp_p, precision=PRECISION)
+    cell_used = e_used[:, :, None] & p_used[:, None, :]
+    log_norm = jnp.where(cell_used, jnp.log(sums) + max_e[:, :, None] + max_p[:, None, :], 0)
+    inexact = cell_used & (sums < _inexact_floor(sums.dtype, emissions.shape[-1]))
+    exact = lambda x: jnp.where(inexact, _exact_log_norm(
+        emissions, _masked(predictions, p_used), e_used), x)
+    log_norm = jax.lax.cond(jnp.any(inexact), exact, lambda x: x, log_norm)
+    blank_sum, label_sum = _gathers(emissions, predictions, labels, e_used, p_used, blank)
+    return blank_sum - log_norm, label_sum - log_norm, log_norm, sums, max_e, max_p
 
 
 def _row_counts(e_used, p_used):
     return (e_used.sum(1, dtype=jnp.int32)[:, None], p_used.sum(1, dtype=jnp.int32)[:, None])
 
 
-def _sums_cpu(emissions, predictions, e_used, p_used, *, blank):
-    return _ffi.norm_forward(emissions, predictions, *_row_counts(e_used, p_used), blank)
+def _forward_cpu(emissions, predictions, labels, e_used, p_used, *, blank):
+    return _ffi.norm_forward(emissions, predictions, *_row_counts(e_used, p_used), labels, blank)
 
 
 def _grads_xla(emissions, predictions, labels, e_used, p_used, max_e, max_p, w, g_blank, g_emit,
@@ -168,18 +183,13 @@ def move_log_probs(emissions, predictions, labels, e_used, p_used, blank, impl=N
 
 
 def _forward(emissions, predictions, labels, e_used, p_used, blank, impl=None):
-    sums_fn = _on_platform(_sums_xla, _sums_cpu, emissions.dtype, impl, blank=blank)
-    sums, max_e, max_p = sums_fn(emissions, predictions, e_used, p_used)
+    fn = _on_platform(_forward_xla, _forward_cpu, emissions.dtype, impl, blank=blank)
+    some_labels = jnp.full(p_used.shape, blank, jnp.int32) if labels is None else labels
+    blank_lp, emit_lp, log_norm, sums, max_e, max_p = fn(emissions, predictions, some_labels,
+                                                          e_used, p_used)
     cell_used = e_used[:, :, None] & p_used[:, None, :]
-    log_norm = jnp.where(cell_used, jnp.log(sums) + max_e[:, :, None] + max_p[:, None, :], 0)
-    # Products below `tiny` may have been flushed: against S >= sqrt(tiny) * V, all V of them
-    # together weigh at most sqrt(tiny) relative. Below that, recompute the cell.
-    inexact = cell_used & (sums < jnp.sqrt(jnp.finfo(sums.dtype).tiny) * emissions.shape[-1])
-    exact = lambda x: jnp.where(inexact, _exact_log_norm(
-        emissions, _masked(predictions, p_used), e_used), x)
-    log_norm = jax.lax.cond(jnp.any(inexact), exact, lambda x: x, log_norm)
-    blank_sum, label_sum = _gathers(emissions, predictions, labels, e_used, p_used, blank)
-    moves = (log_norm, blank_sum - log_norm, None if labels is None else label_sum - log_norm)
+    inexact = cell_used & (sums < _inexact_floor(sums.dtype, emissions.shape[-1]))
+    moves = (log_norm, blank_lp, None if labels is None else emit_lp)
     return moves, (emissions, predictions, labels, e_used, p_used, max_e, max_p, sums, log_norm,
                    cell_used, inexact)
 

@@ -100,12 +100,33 @@ NORM_SHAPES = [(2, 5, 4, 1, 0), (3, 7, 3, 2, 1), (2, 9, 5, 17, 16), (1, 13, 6, 4
                (4, 3, 2, 33, 0)]
 
 
+def _moves_reference(E, P, e_rows, p_rows, blank, labels=None):
+    """float64: log_norm and the blank and label move log-probabilities of the used cells (0
+    elsewhere); the label move takes labels[u], or without labels the best non-blank label."""
+    e_used, p_used = _used(E, P, e_rows, p_rows)
+    cells = e_used[:, :, None] & p_used[:, None, :]
+    logits = np.where(cells[..., None], E[:, :, None, :].astype(np.float64) + P[:, None], 0)
+    top = logits.max(-1, keepdims=True)
+    log_norm = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
+    if labels is None:
+        label = logits.copy()
+        label[..., blank] = -np.inf
+        label = label.max(-1)
+    else:
+        index = np.broadcast_to(labels[:, None, :, None], logits.shape[:3] + (1,))
+        label = np.take_along_axis(logits, index, -1)[..., 0]
+    return (np.where(cells, log_norm, 0), np.where(cells, logits[..., blank] - log_norm, 0),
+            np.where(cells, label - log_norm, 0))
+
+
 @pytest.mark.parametrize("B,T,U1,V,blank", NORM_SHAPES)
 def test_norm_forward_kernel(B, T, U1, V, blank):
     import jax
     from jax_transducer import _ffi
     E, P, e_rows, p_rows = _norm_case(B * 100 + V, B, T, U1, V)
-    sums, max_e, max_p = jax.jit(lambda *a: _ffi.norm_forward(*a, blank))(E, P, e_rows, p_rows)
+    labels = np.random.default_rng(V).integers(0, V, size=(B, U1)).astype(np.int32)
+    blank_lp, emit_lp, log_norm, sums, max_e, max_p = jax.jit(
+        lambda *a: _ffi.norm_forward(*a, blank))(E, P, e_rows, p_rows, labels)
     e_used, p_used = _used(E, P, e_rows, p_rows)
     E64, P64 = np.where(e_used[..., None], E, 0.0), np.where(p_used[..., None], P, 0.0)
     want_me, want_mp = E64.max(-1) * e_used, P64.max(-1) * p_used
@@ -115,19 +136,9 @@ def test_norm_forward_kernel(B, T, U1, V, blank):
     p = np.exp(P64 - want_mp[..., None]) * p_used[..., None]
     prod = a[:, :, None, :] * p[:, None, :, :]
     np.testing.assert_allclose(np.asarray(sums), prod.sum(-1), rtol=2e-6, atol=1e-30)
-
-
-def _viterbi_moves_reference(E, P, e_rows, p_rows, blank):
-    """float64: blank and best-label move log-probabilities of the used cells, 0 elsewhere."""
-    e_used, p_used = _used(E, P, e_rows, p_rows)
-    cells = e_used[:, :, None] & p_used[:, None, :]
-    logits = np.where(cells[..., None], E[:, :, None, :].astype(np.float64) + P[:, None], 0)
-    top = logits.max(-1, keepdims=True)
-    log_norm = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
-    label = logits.copy()
-    label[..., blank] = -np.inf
-    return (np.where(cells, logits[..., blank] - log_norm, 0),
-            np.where(cells, label.max(-1) - log_norm, 0))
+    want = _moves_reference(E, P, e_rows, p_rows, blank, labels)
+    for g, w in zip((log_norm, blank_lp, emit_lp), want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("B,T,U1,V,blank", NORM_SHAPES + [(2, 40, 3, 5, 2), (3, 2, 21, 9, 4)])
@@ -136,7 +147,7 @@ def test_norm_viterbi_kernel(B, T, U1, V, blank):
     from jax_transducer import _ffi
     E, P, e_rows, p_rows = _norm_case(B * 300 + V, B, T, U1, V)
     got = jax.jit(lambda *a: _ffi.norm_viterbi(*a, blank))(E, P, e_rows, p_rows)
-    want = _viterbi_moves_reference(E, P, e_rows, p_rows, blank)
+    want = _moves_reference(E, P, e_rows, p_rows, blank)[1:]
     for g, w in zip(got, want):  # V = 1: no label but the blank, best_lp = -inf
         np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-5)
 
@@ -157,7 +168,7 @@ def test_norm_viterbi_kernel_recomputes_flushed_cells():
     P[2, 1::2, 1:] -= 400
     e_rows, p_rows = np.array([[T], [T], [T - 1]], np.int32), np.array([[U1], [U1 - 1], [U1]], np.int32)
     got = _ffi.norm_viterbi(E, P, e_rows, p_rows, 0)
-    want = _viterbi_moves_reference(E, P, e_rows, p_rows, 0)
+    want = _moves_reference(E, P, e_rows, p_rows, 0)[1:]
     for g, w in zip(got, want):
         assert np.isfinite(np.asarray(g)).all()
         np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-4)
@@ -179,7 +190,7 @@ def test_norm_backward_kernel(B, T, U1, V, blank):
     w = np.where(exact, 0, w).astype(np.float32)
     labels = rng.integers(0, V, size=(B, U1)).astype(np.int32)
     labels[0, -1] = V + 3  # out of range: ignored, never written
-    _, max_e, _ = _ffi.norm_forward(E, P, e_rows, p_rows, blank)
+    max_e = _ffi.norm_forward(E, P, e_rows, p_rows, labels, blank)[4]
     E64, P64 = np.where(e_used[..., None], E, 0.0), np.where(p_used[..., None], P, 0.0)
     logits = E64[:, :, None, :] + P64[:, None, :, :]
     log_norm = np.log(np.exp(logits).sum(-1)).astype(np.float32) * cells
@@ -211,14 +222,26 @@ def test_norm_kernels_clamp_row_counts():
     E, P = np.nan_to_num(E), np.nan_to_num(P, posinf=1.0)
     e_rows = np.array([[-7], [10**6]], np.int32)
     p_rows = np.array([[10**6], [-1]], np.int32)
-    sums, max_e, max_p = _ffi.norm_forward(E, P, e_rows, p_rows, 0)
-    assert (np.asarray(sums) == 0).all()  # example 0 has no frames, example 1 no predictions
+    labels = np.array([[0, 5, 10**6], [-4, 2, 7]], np.int32)  # out of range: read as the blank
+    *cells, max_e, max_p = _ffi.norm_forward(E, P, e_rows, p_rows, labels, 0)
+    for x in cells:  # example 0 has no frames, example 1 no predictions
+        assert (np.asarray(x) == 0).all()
     for moves in _ffi.norm_viterbi(E, P, e_rows, p_rows, 0):
         assert (np.asarray(moves) == 0).all()
     zeros, ones = np.zeros((2, 4, 3), np.float32), np.ones((2, 4, 3), np.float32)
     d_e, d_p = _ffi.norm_backward(E, P, e_rows, p_rows, max_e, zeros, zeros, zeros, zeros, ones,
                                   np.full((2, 3), 10**6, np.int32), 0)
     assert np.isfinite(np.asarray(d_e)).all() and np.isfinite(np.asarray(d_p)).all()
+
+
+def test_norm_forward_reads_labels_out_of_range_as_the_blank():
+    from jax_transducer import _ffi
+    E, P, e_rows, p_rows = _norm_case(6, 2, 5, 4, 7)
+    labels = np.array([[-1, 7, 10**6, 2**31 - 1], [-(2**31), 3, 8, 6]], np.int32)
+    blank_lp, emit_lp, *_ = _ffi.norm_forward(E, P, e_rows, p_rows, labels, 3)
+    as_blank = np.where(labels < 0, 3, np.where(labels >= 7, 3, labels))
+    want = _moves_reference(E, P, e_rows, p_rows, 3, as_blank)
+    np.testing.assert_allclose(np.asarray(emit_lp), want[2], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,fused", [(np.float32, True), (np.float64, False)])

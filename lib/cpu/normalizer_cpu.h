@@ -2,7 +2,9 @@
 //
 // For one example, with a[t, v] = exp(E[t, v] - mE[t]) and p[u, v] = exp(P[u, v] - mP[u]):
 //   forward:   S[t, u] = sum_v a[t, v] p[u, v]   (and, for viterbi, M[t, u] = max_{v != blank}
-//              a[t, v] p[u, v], the best label's probability up to the shifts)
+//              a[t, v] p[u, v], the best label's probability up to the shifts), finished in the
+//              same pass into log_norm = mE + mP + log S and the move log-probabilities
+//              (finished_moves_rows); only the lattice's used cells are computed
 //   backward:  dE[t, v] = a[t, v] * sum_u W[t, u] p[u, v]       + g_blank[t, :] summed at blank
 //                                                              + g_emit[t, u] at v = label[u]
 //              dP[u, v] = p[u, v] * sum_t W[t, u] a[t, v]       + the same sums over t
@@ -122,35 +124,35 @@ inline void sums_tile(const float* const* a, const PredictionRows& p, int64_t u0
     }
 }
 
-// Forward for frames [t0, t1) of one example: S rows, mE, and (kBest) M rows. Only the used cells
-// (t < e_len, u < p_len) are computed; the others get 0, as do mE past e_len.
+// Forward for frames [t0, t1) of one example: S rows, mE, and (kBest) M rows, each pointer at
+// frame t0's row. Only the used cells (t < e_len, u < p_len) are computed; the others get 0, as
+// does mE past e_len.
 template <bool kBest>
 void normalizer_forward_rows(const float* E, const PredictionRows& p, int64_t u1, int64_t nv,
                              int32_t e_len, int32_t p_len, int32_t blank, int64_t t0, int64_t t1,
                              float* sums, float* max_e, float* best) {
   constexpr int MT = kBest ? 2 : 3, MU = kBest ? 3 : 4;
-  const int64_t t_end = std::min<int64_t>(t1, std::max<int64_t>(t0, e_len));
-  for (int64_t t = t_end; t < t1; ++t) max_e[t] = 0.0f;
+  const int64_t used = std::min<int64_t>(t1, std::max<int64_t>(t0, e_len)) - t0;  // frames
+  std::fill(max_e + used, max_e + (t1 - t0), 0.0f);
   for (float* out : {sums, best}) {
     if (!out) continue;
-    std::fill(out + t_end * u1, out + t1 * u1, 0.0f);
-    for (int64_t t = t0; t < t_end; ++t) std::fill(out + t * u1 + p_len, out + (t + 1) * u1, 0.0f);
+    std::fill(out + used * u1, out + (t1 - t0) * u1, 0.0f);
+    for (int64_t r = 0; r < used; ++r) std::fill(out + r * u1 + p_len, out + (r + 1) * u1, 0.0f);
   }
   if (p_len <= 0) {  // no columns: mE still describes the used frames
-    for (int64_t t = t0; t < t_end; ++t) max_e[t] = row_max(E + t * nv, nv);
+    for (int64_t r = 0; r < used; ++r) max_e[r] = row_max(E + (t0 + r) * nv, nv);
     return;
   }
   std::vector<float> tile(static_cast<size_t>(MT * p.nv_pad));
-  for (int64_t t = t0; t < t_end; t += MT) {
-    const int rows = static_cast<int>(std::min<int64_t>(MT, t_end - t));
+  for (int64_t r0 = 0; r0 < used; r0 += MT) {
+    const int rows = static_cast<int>(std::min<int64_t>(MT, used - r0));
     const float* a[MT];
     float a_blank[MT];
     for (int i = 0; i < MT; ++i) {
-      const int r = std::min(i, rows - 1);
-      float* row = &tile[r * p.nv_pad];
+      float* row = &tile[std::min(i, rows - 1) * p.nv_pad];
       a[i] = row;
       if (i >= rows) continue;
-      max_e[t + i] = exp_row(E + (t + i) * nv, nv, row, p.nv_pad);
+      max_e[r0 + i] = exp_row(E + (t0 + r0 + i) * nv, nv, row, p.nv_pad);
       a_blank[i] = row[blank];
       row[blank] = 0.0f;
     }
@@ -159,7 +161,7 @@ void normalizer_forward_rows(const float* E, const PredictionRows& p, int64_t u1
       sums_tile<MT, MU, kBest>(a, p, u, p_len, s, m);
       for (int i = 0; i < rows; ++i)
         for (int j = 0; j < MU && u + j < p_len; ++j) {
-          const int64_t c = (t + i) * u1 + u + j;
+          const int64_t c = (r0 + i) * u1 + u + j;
           sums[c] = s[i][j] + a_blank[i] * p.row(u + j)[blank];
           if constexpr (kBest) best[c] = m[i][j];
         }
@@ -167,72 +169,124 @@ void normalizer_forward_rows(const float* E, const PredictionRows& p, int64_t u1
   }
 }
 
-// One frame of viterbi_moves_rows from its S and M rows, branch-free so that it vectorises; true
-// when some cell needs the exact pass.
-inline bool finish_viterbi_row(const float* __restrict s, const float* __restrict m,
-                               const float* __restrict max_p, const float* __restrict p_blank,
-                               float max_e, float e_blank, float s_floor, float tiny, int64_t n,
-                               float* __restrict blank_lp, float* __restrict best_lp) {
+// Where the finished move log-probabilities of frames [t0, t1) go, each pointer at frame t0's
+// row; cells outside the used ones get 0. The last three are optional (null): what the gradient
+// needs.
+struct MoveRows {
+  float* blank_lp;  // E[t, blank] + P[u, blank] - log_norm[t, u]
+  float* label_lp;  // the label move's, likewise: labels[u]'s, or the best non-blank label's
+  float* log_norm;  // mE[t] + mP[u] + log S[t, u]
+  float* sums;      // S
+  float* max_e;     // mE
+};
+
+// The label and the blank move's scores of one example's cells, from the prediction side.
+struct LabelColumns {
+  std::vector<int32_t> label;  // labels[u], the blank where out of [0, V) (never read past V)
+  std::vector<float> p_blank, p_label;
+  LabelColumns(const float* P, const int32_t* labels, int64_t u1, int64_t nv, int32_t p_len,
+               int32_t blank)
+      : label(u1, blank), p_blank(u1, 0.0f), p_label(u1, 0.0f) {
+    for (int64_t u = 0; u < p_len; ++u) {
+      if (labels) label[u] = labels[u] >= 0 && labels[u] < nv ? labels[u] : blank;
+      p_blank[u] = P[u * nv + blank];
+      p_label[u] = P[u * nv + label[u]];
+    }
+  }
+};
+
+// One frame's used cells, branch-free so that it vectorises; true when some cell needs the exact
+// pass (S below sqrt(tiny) * V, or with kBest M below sqrt(tiny): products may have been flushed).
+template <bool kBest>
+inline bool finish_frame(const float* __restrict s, const float* __restrict m,
+                         const float* __restrict max_p, const LabelColumns& cols,
+                         const float* __restrict e, float max_e, int32_t blank, float s_floor,
+                         float tiny, int64_t n, float* __restrict log_norm,
+                         float* __restrict blank_lp, float* __restrict label_lp) {
+  const float* __restrict p_blank = cols.p_blank.data();
+  const float* __restrict p_label = cols.p_label.data();
+  const int32_t* __restrict label = cols.label.data();
+  const float e_blank = e[blank];
   int inexact = 0;
   for (int64_t u = 0; u < n; ++u) {
     const float shift = max_e + max_p[u];
-    const float log_norm = shift + host_log(s[u]);
-    blank_lp[u] = (e_blank + p_blank[u]) - log_norm;
-    best_lp[u] = (shift + host_log(m[u])) - log_norm;
-    inexact |= (s[u] < s_floor) | (m[u] < tiny);
+    const float ln = shift + host_log(s[u]);
+    log_norm[u] = ln;
+    blank_lp[u] = (e_blank + p_blank[u]) - ln;
+    if constexpr (kBest) {
+      label_lp[u] = (shift + host_log(m[u])) - ln;
+      inexact |= (s[u] < s_floor) | (m[u] < tiny);
+    } else {
+      label_lp[u] = (e[label[u]] + p_label[u]) - ln;
+      inexact |= s[u] < s_floor;
+    }
   }
   return inexact != 0;
 }
 
-// Viterbi's move scores for frames [t0, t1) of one example, finished in log space ((t, u) cells of
-// blank_lp and best_lp; 0 outside the used rows):
-//   blank_lp = E[t, blank] + P[u, blank] - log_norm,  log_norm = mE[t] + mP[u] + log S[t, u]
-//   best_lp  = best - log_norm,                        best     = mE[t] + mP[u] + log M[t, u]
-// with best = max_{v != blank} (E[t, v] + P[u, v]). Where products may have been flushed (S below
-// sqrt(tiny) * V, M below sqrt(tiny)), log_norm or best is recomputed from the cell's own scores,
-// as the XLA path does (_normalizer.py). max_p: the prediction rows' maxima (PredictionRows).
-inline void viterbi_moves_rows(const float* E, const float* P, const PredictionRows& p,
-                               const float* max_p, int64_t u1, int64_t nv, int32_t e_len,
-                               int32_t p_len, int32_t blank, int64_t t0, int64_t t1,
-                               float* blank_lp, float* best_lp) {
+// The move log-probabilities of frames [t0, t1) of one example, finished here rather than in XLA
+// passes over (B, T, U+1) arrays. kBest (viterbi): the label move takes the best non-blank label,
+// max_{v != blank} (E[t, v] + P[u, v]) - log_norm; otherwise labels[u] (labels may be null when
+// kBest). Cells whose S or M may have lost digits to flushed products are recomputed from their own
+// scores, as the XLA path does (_normalizer.py). max_p: the prediction rows' maxima.
+template <bool kBest>
+void finished_moves_rows(const float* E, const float* P, const PredictionRows& p,
+                         const float* max_p, const int32_t* labels, int64_t u1, int64_t nv,
+                         int32_t e_len, int32_t p_len, int32_t blank, int64_t t0, int64_t t1,
+                         const MoveRows& out) {
   constexpr int64_t kBlock = 16;  // frames finished while their S and M rows are in cache
   const float tiny = 1.08420217e-19f;  // sqrt(FLT_MIN)
   const float s_floor = tiny * static_cast<float>(nv);
-  std::vector<float> max_e(static_cast<size_t>(t1)), p_blank(u1), s_row(u1), m_row(u1);
-  for (int64_t u = 0; u < p_len; ++u) p_blank[u] = P[u * nv + blank];
-  for (int64_t tb = t0; tb < t1; tb += kBlock) {
-    const int64_t te = std::min(tb + kBlock, t1);
-    normalizer_forward_rows<true>(E, p, u1, nv, e_len, p_len, blank, tb, te, blank_lp,
-                                  max_e.data(), best_lp);
-    for (int64_t t = tb; t < std::min<int64_t>(te, e_len); ++t) {
-      const float* e = E + t * nv;
-      float* bl = blank_lp + t * u1;
-      float* be = best_lp + t * u1;
-      std::copy(bl, bl + p_len, s_row.data());
-      std::copy(be, be + p_len, m_row.data());
-      if (!finish_viterbi_row(s_row.data(), m_row.data(), max_p, p_blank.data(), max_e[t],
-                              e[blank], s_floor, tiny, p_len, bl, be))
-        continue;
-      for (int64_t u = 0; u < p_len; ++u) {
-        if (!(s_row[u] < s_floor) && !(m_row[u] < tiny)) continue;
-        const float* pr = P + u * nv;
-        const float shift = max_e[t] + max_p[u];
-        double log_norm = shift + std::log(static_cast<double>(s_row[u]));
-        if (s_row[u] < s_floor) {  // log sum_v exp(E + P), in double
-          double top = -INFINITY, sum = 0.0;
-          for (int64_t v = 0; v < nv; ++v) top = std::max(top, double(e[v]) + double(pr[v]));
-          for (int64_t v = 0; v < nv; ++v) sum += std::exp(double(e[v]) + double(pr[v]) - top);
-          log_norm = top + std::log(sum);
+  const LabelColumns cols(P, labels, u1, nv, p_len, blank);
+  std::vector<float> s(kBlock * u1), m(kBest ? kBlock * u1 : 1), me(kBlock), ln(u1);
+  const int64_t used = std::min<int64_t>(t1, std::max<int64_t>(t0, e_len)) - t0;
+  for (float* o : {out.blank_lp, out.label_lp, out.log_norm, out.sums}) {
+    if (!o) continue;
+    std::fill(o + used * u1, o + (t1 - t0) * u1, 0.0f);
+    for (int64_t r = 0; r < used; ++r) std::fill(o + r * u1 + p_len, o + (r + 1) * u1, 0.0f);
+  }
+  if (out.max_e) std::fill(out.max_e + used, out.max_e + (t1 - t0), 0.0f);
+  for (int64_t rb = 0; rb < used; rb += kBlock) {
+    const int64_t n = std::min(kBlock, used - rb);
+    normalizer_forward_rows<kBest>(E, p, u1, nv, e_len, p_len, blank, t0 + rb, t0 + rb + n,
+                                   s.data(), me.data(), kBest ? m.data() : nullptr);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = rb + i;
+      const float* e = E + (t0 + r) * nv;
+      const float* sr = &s[i * u1];
+      const float* mr = &m[kBest ? i * u1 : 0];
+      float* bl = out.blank_lp + r * u1;
+      float* la = out.label_lp + r * u1;
+      if (out.max_e) out.max_e[r] = me[i];
+      if (out.sums) std::copy(sr, sr + p_len, out.sums + r * u1);
+      if (finish_frame<kBest>(sr, mr, max_p, cols, e, me[i], blank, s_floor, tiny, p_len,
+                              ln.data(), bl, la)) {
+        for (int64_t u = 0; u < p_len; ++u) {
+          const bool s_lost = sr[u] < s_floor, m_lost = kBest && mr[u] < tiny;
+          if (!s_lost && !m_lost) continue;
+          const float* pr = P + u * nv;
+          double log_norm = ln[u];
+          if (s_lost) {  // log sum_v exp(E + P), in double
+            double top = -INFINITY, sum = 0.0;
+            for (int64_t v = 0; v < nv; ++v) top = std::max(top, double(e[v]) + double(pr[v]));
+            for (int64_t v = 0; v < nv; ++v) sum += std::exp(double(e[v]) + double(pr[v]) - top);
+            log_norm = top + std::log(sum);
+            ln[u] = static_cast<float>(log_norm);
+            bl[u] = static_cast<float>(double(e[blank]) + double(cols.p_blank[u]) - log_norm);
+          }
+          double label = double(e[cols.label[u]]) + double(cols.p_label[u]);
+          if constexpr (kBest) {
+            label = double(me[i]) + double(max_p[u]) + std::log(static_cast<double>(mr[u]));
+            if (m_lost) {  // -inf when the blank is the only label
+              label = -INFINITY;
+              for (int64_t v = 0; v < nv; ++v)
+                if (v != blank) label = std::max(label, double(e[v]) + double(pr[v]));
+            }
+          }
+          la[u] = static_cast<float>(label - log_norm);
         }
-        double best = shift + std::log(static_cast<double>(m_row[u]));
-        if (m_row[u] < tiny) {  // -inf when the blank is the only label
-          best = -INFINITY;
-          for (int64_t v = 0; v < nv; ++v)
-            if (v != blank) best = std::max(best, double(e[v]) + double(pr[v]));
-        }
-        bl[u] = static_cast<float>((double(e[blank]) + double(p_blank[u])) - log_norm);
-        be[u] = static_cast<float>(best - log_norm);
       }
+      if (out.log_norm) std::copy(ln.data(), ln.data() + p_len, out.log_norm + r * u1);
     }
   }
 }

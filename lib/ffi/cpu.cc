@@ -228,59 +228,70 @@ ffi::Error norm_dims(const ffi::AnyBuffer& emissions, const ffi::AnyBuffer& pred
   return ffi::Error::Success();
 }
 
-JT_CPU_CLONES void norm_forward_item(const float* E, const float* P, const NormDims& n,
-                                     int32_t e_len, int32_t p_len, int32_t blank, int64_t t0,
-                                     int64_t t1, float* sums, float* max_e, float* max_p) {
-  const cpu::PredictionRows p(P, max_p, n.u1, n.nv, p_len);
-  cpu::normalizer_forward_rows<false>(E, p, n.u1, n.nv, e_len, p_len, blank, t0, t1, sums, max_e,
-                                      nullptr);
+template <bool kBest>
+JT_CPU_CLONES void norm_moves_item(const float* E, const float* P, const int32_t* labels,
+                                   const NormDims& n, int32_t e_len, int32_t p_len, int32_t blank,
+                                   int64_t t0, int64_t t1, float* max_p,
+                                   const cpu::MoveRows& out) {
+  std::vector<float> mp(n.u1);
+  const cpu::PredictionRows p(P, mp.data(), n.u1, n.nv, p_len);
+  if (max_p) std::copy(mp.begin(), mp.end(), max_p);
+  cpu::finished_moves_rows<kBest>(E, P, p, mp.data(), labels, n.u1, n.nv, e_len, p_len, blank,
+                                  t0, t1, out);
 }
 
-// S = exp(E - mE) @ exp(P - mP)^T with the row maxima mE, mP. Rows past the given counts are read
-// as absent: their S and maxima are 0.
+// Runs item(b, t0, t1, first) over (example, frame chunk) work items; first: the example's first
+// chunk (the one that writes per-example results).
+template <typename F>
+void for_frame_chunks(ffi::ThreadPool& pool, const NormDims& n, const F& item) {
+  const int64_t chunks = n.chunks(pool), span = (n.nt + chunks - 1) / chunks;
+  parallel_for(pool, n.batch * chunks, [&](int64_t i) {
+    const int64_t t0 = std::min(n.nt, (i % chunks) * span);
+    item(i / chunks, t0, std::min(n.nt, t0 + span), i % chunks == 0);
+  });
+}
+
+// The loss's forward: the move log-probabilities blank_lp and emit_lp (labels (B, U+1) int32; one
+// outside [0, V) reads the blank), and for the gradient log_norm, S = exp(E - mE) @ exp(P - mP)^T
+// and the row maxima mE, mP (cpu::finished_moves_rows). Rows past the given counts are read as
+// absent: their cells and maxima are 0.
 ffi::Error NormForward(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyBuffer predictions,
-                       ffi::Buffer<ffi::S32> e_rows, ffi::Buffer<ffi::S32> p_rows, int32_t blank,
-                       ffi::Result<ffi::AnyBuffer> sums, ffi::Result<ffi::AnyBuffer> max_e,
-                       ffi::Result<ffi::AnyBuffer> max_p) {
+                       ffi::Buffer<ffi::S32> e_rows, ffi::Buffer<ffi::S32> p_rows,
+                       ffi::Buffer<ffi::S32> labels, int32_t blank,
+                       ffi::Result<ffi::AnyBuffer> blank_lp, ffi::Result<ffi::AnyBuffer> emit_lp,
+                       ffi::Result<ffi::AnyBuffer> log_norm, ffi::Result<ffi::AnyBuffer> sums,
+                       ffi::Result<ffi::AnyBuffer> max_e, ffi::Result<ffi::AnyBuffer> max_p) {
   NormDims n;
   if (auto err = norm_dims(emissions, predictions, e_rows.dimensions(), p_rows.dimensions(),
                            blank, &n);
       err.failure())
     return err;
   LatticeDims d{n.batch, n.nt, n.u1};
-  if (auto err = first_failure({expect_shape("sums", sums->dimensions(), d, n.nt, n.u1),
+  if (auto err = first_failure({expect_shape("labels", labels.dimensions(), d, n.u1),
+                                expect_shape("blank_lp", blank_lp->dimensions(), d, n.nt, n.u1),
+                                expect_shape("emit_lp", emit_lp->dimensions(), d, n.nt, n.u1),
+                                expect_shape("log_norm", log_norm->dimensions(), d, n.nt, n.u1),
+                                expect_shape("sums", sums->dimensions(), d, n.nt, n.u1),
                                 expect_shape("max_e", max_e->dimensions(), d, n.nt),
                                 expect_shape("max_p", max_p->dimensions(), d, n.u1)});
       err.failure())
     return err;
   const float* E = emissions.typed_data<float>();
   const float* P = predictions.typed_data<float>();
-  const int64_t chunks = n.chunks(pool), span = (n.nt + chunks - 1) / chunks;
-  parallel_for(pool, n.batch * chunks, [&](int64_t item) {
-    const int64_t b = item / chunks, t0 = std::min(n.nt, (item % chunks) * span),
-                  t1 = std::min(n.nt, t0 + span);
-    const int64_t cells = b * n.nt * n.u1;
-    // Only the first chunk of an example writes its prediction maxima.
-    float* mp = item % chunks == 0 ? max_p->typed_data<float>() + b * n.u1 : nullptr;
-    norm_forward_item(E + b * n.nt * n.nv, P + b * n.u1 * n.nv, n,
-                      n.e_len(e_rows.typed_data(), b), n.p_len(p_rows.typed_data(), b), blank, t0,
-                      t1, sums->typed_data<float>() + cells, max_e->typed_data<float>() + b * n.nt,
-                      mp);
+  for_frame_chunks(pool, n, [&](int64_t b, int64_t t0, int64_t t1, bool first) {
+    const int64_t at = (b * n.nt + t0) * n.u1;  // frame t0's row of example b
+    const cpu::MoveRows out{blank_lp->typed_data<float>() + at, emit_lp->typed_data<float>() + at,
+                            log_norm->typed_data<float>() + at, sums->typed_data<float>() + at,
+                            max_e->typed_data<float>() + b * n.nt + t0};
+    norm_moves_item<false>(E + b * n.nt * n.nv, P + b * n.u1 * n.nv,
+                           labels.typed_data() + b * n.u1, n, n.e_len(e_rows.typed_data(), b),
+                           n.p_len(p_rows.typed_data(), b), blank, t0, t1,
+                           first ? max_p->typed_data<float>() + b * n.u1 : nullptr, out);
   });
   return ffi::Error::Success();
 }
 
-JT_CPU_CLONES void norm_viterbi_item(const float* E, const float* P, const NormDims& n,
-                                     int32_t e_len, int32_t p_len, int32_t blank, int64_t t0,
-                                     int64_t t1, float* blank_lp, float* best_lp) {
-  std::vector<float> max_p(n.u1);
-  const cpu::PredictionRows p(P, max_p.data(), n.u1, n.nv, p_len);
-  cpu::viterbi_moves_rows(E, P, p, max_p.data(), n.u1, n.nv, e_len, p_len, blank, t0, t1,
-                          blank_lp, best_lp);
-}
-
-// Viterbi's blank and best-label move log-probabilities (cpu::viterbi_moves_rows): the forward
-// with the per-cell max, finished here instead of in XLA passes over (B, T, U+1) arrays.
+// Viterbi's move log-probabilities: the blank move's and the best non-blank label's.
 ffi::Error NormViterbi(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyBuffer predictions,
                        ffi::Buffer<ffi::S32> e_rows, ffi::Buffer<ffi::S32> p_rows, int32_t blank,
                        ffi::Result<ffi::AnyBuffer> blank_lp, ffi::Result<ffi::AnyBuffer> best_lp) {
@@ -296,15 +307,13 @@ ffi::Error NormViterbi(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyB
     return err;
   const float* E = emissions.typed_data<float>();
   const float* P = predictions.typed_data<float>();
-  const int64_t chunks = n.chunks(pool), span = (n.nt + chunks - 1) / chunks;
-  parallel_for(pool, n.batch * chunks, [&](int64_t item) {
-    const int64_t b = item / chunks, t0 = std::min(n.nt, (item % chunks) * span),
-                  t1 = std::min(n.nt, t0 + span);
-    const int64_t cells = b * n.nt * n.u1;
-    norm_viterbi_item(E + b * n.nt * n.nv, P + b * n.u1 * n.nv, n,
-                      n.e_len(e_rows.typed_data(), b), n.p_len(p_rows.typed_data(), b), blank,
-                      t0, t1, blank_lp->typed_data<float>() + cells,
-                      best_lp->typed_data<float>() + cells);
+  for_frame_chunks(pool, n, [&](int64_t b, int64_t t0, int64_t t1, bool) {
+    const int64_t at = (b * n.nt + t0) * n.u1;
+    const cpu::MoveRows out{blank_lp->typed_data<float>() + at, best_lp->typed_data<float>() + at,
+                            nullptr, nullptr, nullptr};
+    norm_moves_item<true>(E + b * n.nt * n.nv, P + b * n.u1 * n.nv, nullptr, n,
+                          n.e_len(e_rows.typed_data(), b), n.p_len(p_rows.typed_data(), b), blank,
+                          t0, t1, nullptr, out);
   });
   return ffi::Error::Success();
 }
@@ -454,7 +463,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JtNormForwardCpu, NormForward,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<int32_t>("blank")
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
