@@ -193,7 +193,7 @@ def backward(blank_lp, emit_lp, alpha, costs, input_lengths, label_lengths, impl
         blank_lp, emit_lp, alpha, costs, input_lengths, label_lengths)
 
 
-NO_FRAME = -1  # lib/lattice.h's kNoFrame
+NO_FRAME = _xla.NO_FRAME
 
 
 def viterbi_frames(blank_lp, label_lp, input_lengths, label_lengths, impl=None):

@@ -151,10 +151,13 @@ def backward(blank_lp, emit_lp, alpha, costs, input_lengths, label_lengths):
     return to_varying(flow_blank, axes), to_varying(flow_emit, axes)
 
 
-def viterbi_frames(blank_lp, label_lp, input_lengths, label_lengths, no_frame=-1):
+NO_FRAME = -1  # lib/lattice.h's kNoFrame
+
+
+def viterbi_frames(blank_lp, label_lp, input_lengths, label_lengths):
     """The frame of each label move of the best path, per label position u, (B, U+1) int32, as
     the viterbi kernel: ties go to the blank arrival (a NaN on the label side loses), positions
-    >= label length hold `no_frame`, and an invalid example's row is all `no_frame`."""
+    >= label length hold NO_FRAME, and an invalid example's row is all NO_FRAME."""
     B, T, U1 = blank_lp.shape
     axes = varying_axes(blank_lp, label_lp, input_lengths, label_lengths)
     il, ll, valid, _, _, _ = _lattice(input_lengths, label_lengths, T, U1)
@@ -190,7 +193,7 @@ def viterbi_frames(blank_lp, label_lp, input_lengths, label_lengths, no_frame=-1
         return (t, v, path), None
 
     start = (jnp.where(valid, il - 1, 0), jnp.where(valid, ll, 0),
-             jnp.full((B, U1), no_frame, jnp.int32))
+             jnp.full((B, U1), NO_FRAME, jnp.int32))
     start = tuple(to_varying(x, axes) for x in start)
     (_, _, path), _ = jax.lax.scan(back, start, (jnp.arange(1, D), decisions), reverse=True)
     return to_varying(path, axes)
