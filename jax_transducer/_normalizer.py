@@ -22,9 +22,13 @@ an in-place scatter: autodiff of the gathers would add two more passes over (B, 
 Exactness: where the two rows peak on different labels far apart (emissions [0, -1000] against
 predictions [-1000, 0]), every product of shifted exponentials underflows and S loses its digits
 or becomes 0. Such cells (S below sqrt(tiny) * V) are recomputed exactly, as a logsumexp over V of
-the cell's own logits, and their share of both gradients likewise. That pass scans the frames in
-chunks of about 2^20 logits (at least one frame of the whole batch, B*(U+1)*V), so its memory
-stays bounded, and it runs only when some cell needs it (lax.cond; under vmap both branches run).
+the cell's own logits, and their share of both gradients likewise. The CPU kernels do that per
+cell inside their own passes. On the XLA path the pass scans the frames in chunks of about 2^20
+logits (at least one frame of the whole batch, B*(U+1)*V), so its memory stays bounded, and it
+runs only when some cell needs it (lax.cond; under vmap both branches run).
+
+Viterbi's lattice scores each label move by the best non-blank label instead,
+max_{v != blank} (E + P) - log_norm (`viterbi_moves`).
 
 Rows that are not used (padding, invalid examples) are read as zeros, so whatever they hold
 (NaN included) never reaches a result, and they get exactly zero gradient.
