@@ -102,8 +102,9 @@ void backward_example(const T* blank, const T* emit, const T* alpha, T cost, T* 
 
 // Best path through the lattice whose label moves score `label`: writes decisions (1 = arrived by
 // blank) and, per label position u, the frame of the path's label move from u to u + 1 into
-// path[0..u1) (kNoFrame past u_len, and everywhere for an invalid example). Row by row: the
-// recursion is only adds and compares.
+// path[0..u1) (kNoFrame past u_len, and everywhere for an invalid example). By anti-diagonals, as
+// alpha: the cells of one diagonal are independent, so their adds and compares vectorise instead
+// of forming one dependency chain along each row.
 template <typename T>
 void viterbi_example(const T* blank, const T* label, uint8_t* decision, int32_t* path, int64_t nt,
                      int64_t u1, int32_t t_len, int32_t u_len) {
@@ -111,22 +112,33 @@ void viterbi_example(const T* blank, const T* label, uint8_t* decision, int32_t*
   std::memset(decision, 0, static_cast<size_t>(nt * u1));
   if (!lengths_valid(t_len, u_len, nt, u1)) return;
   std::vector<T> rows(2 * u1);
-  T* prev = rows.data();
+  std::vector<uint8_t> by_blank(u1);  // diagonal d's decisions, by u
+  T* prev = rows.data();  // path scores on diagonal d - 1
   T* cur = prev + u1;
-  for (int64_t t = 0; t < t_len; ++t) {
-    const int64_t row = t * u1;
-    for (int64_t u = 0; u <= u_len; ++u) {
-      if (t == 0 && u == 0) {
-        cur[0] = T(0);
-        continue;
-      }
-      const T top = t > 0 ? prev[u] + blank[row - u1 + u] : neg_inf<T>();
-      const T left = u > 0 ? cur[u - 1] + label[row + u - 1] : neg_inf<T>();
-      const bool by_blank = t > 0 && (u == 0 || viterbi_takes_blank(top, left));
-      cur[u] = by_blank ? top : left;
-      decision[row + u] = by_blank;
-    }
+  cur[0] = T(0);
+  for (int64_t d = 1; d < t_len + u_len; ++d) {
     std::swap(prev, cur);
+    const Diagonal g(d, t_len, u_len);
+    // Edge cells have one predecessor: u = 0 (from above) and t = 0 (from the left).
+    const int64_t lo = g.lo == 0 ? 1 : g.lo;
+    const int64_t hi = g.hi == d ? d - 1 : g.hi;
+    if (g.lo == 0) {
+      cur[0] = prev[0] + blank[(d - 1) * u1];
+      by_blank[0] = 1;
+    }
+    if (g.hi == d) {
+      cur[d] = prev[d - 1] + label[d - 1];
+      by_blank[d] = 0;
+    }
+    for (int64_t u = lo; u <= hi; ++u) {
+      const int64_t c = (d - u) * u1 + u;
+      const T top = prev[u] + blank[c - u1];
+      const T left = prev[u - 1] + label[c - 1];
+      const bool b = viterbi_takes_blank(top, left);
+      cur[u] = b ? top : left;
+      by_blank[u] = b;
+    }
+    for (int64_t u = g.lo; u <= g.hi; ++u) decision[(d - u) * u1 + u] = by_blank[u];
   }
   for (int64_t t = t_len - 1, u = u_len; u > 0;) {
     if (decision[t * u1 + u]) {

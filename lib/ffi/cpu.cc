@@ -80,6 +80,19 @@ JT_CPU_CLONES void backward_one(const float* blank, const float* emit, const flo
 }
 
 template <typename T>
+void viterbi_one(const T* blank, const T* label, uint8_t* decision, int32_t* path, int64_t nt,
+                 int64_t u1, int32_t t_len, int32_t u_len) {
+  cpu::viterbi_example(blank, label, decision, path, nt, u1, t_len, u_len);
+}
+
+template <>
+JT_CPU_CLONES void viterbi_one(const float* blank, const float* label, uint8_t* decision,
+                               int32_t* path, int64_t nt, int64_t u1, int32_t t_len,
+                               int32_t u_len) {
+  cpu::viterbi_example(blank, label, decision, path, nt, u1, t_len, u_len);
+}
+
+template <typename T>
 void forward_all(ffi::ThreadPool& pool, const LatticeDims& d, ffi::AnyBuffer blank,
                  ffi::AnyBuffer emit, const int32_t* in_len, const int32_t* lab_len,
                  ffi::Result<ffi::AnyBuffer>& costs, ffi::Result<ffi::AnyBuffer>& alpha) {
@@ -150,8 +163,8 @@ void viterbi_all(ffi::ThreadPool& pool, const LatticeDims& d, ffi::AnyBuffer bla
   const T* bl = blank.typed_data<T>();
   const T* la = label.typed_data<T>();
   parallel_for(pool, d.batch, [&](int64_t b) {
-    cpu::viterbi_example(bl + b * slab, la + b * slab, decision + b * slab, path + b * d.u1, d.nt,
-                         d.u1, in_len[b], lab_len[b]);
+    viterbi_one(bl + b * slab, la + b * slab, decision + b * slab, path + b * d.u1, d.nt, d.u1,
+                in_len[b], lab_len[b]);
   });
 }
 
