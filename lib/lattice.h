@@ -53,12 +53,9 @@ inline float host_exp(float x) {
   return x != x ? x : e * scale;
 }
 
-// log1p(y) for y in [0, 1]: log(m) = 2 atanh((m-1)/(m+1)) on m in [sqrt(1/2), sqrt(2)], with
-// Goldberg's correction y / ((1+y) - 1) for the rounding of 1 + y.
-inline float host_log1p(float y) {
-  const float u = 1.0f + y;
-  const bool big = u > 1.41421356f;
-  const float m = big ? 0.5f * u : u;
+// log(m) = 2 atanh((m-1)/(m+1)) for m in [sqrt(1/2), sqrt(2)]: |s| <= 0.172, so the series to
+// s^9 is good to 1e-9.
+inline float log_near_one(float m) {
   const float s = (m - 1.0f) / (m + 1.0f);
   const float s2 = s * s;
   float p = 1.0f / 9.0f;
@@ -66,15 +63,23 @@ inline float host_log1p(float y) {
   p = p * s2 + 1.0f / 5.0f;
   p = p * s2 + 1.0f / 3.0f;
   p = p * s2 + 1.0f;
-  const float log_u = (big ? 0.693147181f : 0.0f) + 2.0f * s * p;
+  return 2.0f * s * p;
+}
+
+// log1p(y) for y in [0, 1]: log_near_one of 1 + y (halved above sqrt(2)), with Goldberg's
+// correction y / ((1+y) - 1) for the rounding of 1 + y.
+inline float host_log1p(float y) {
+  const float u = 1.0f + y;
+  const bool big = u > 1.41421356f;
+  const float log_u = (big ? 0.693147181f : 0.0f) + log_near_one(big ? 0.5f * u : u);
   const float d = u - 1.0f;
   const float ratio = y / (d == 0.0f ? 1.0f : d);  // computed unconditionally: no branch
   return d == 0.0f ? y : log_u * ratio;
 }
 
-// log(x) for positive normal floats: x = m 2^e with m in [sqrt(1/2), sqrt(2)), then the series
-// above for log(m). 0 gives -inf, NaN and negatives NaN; subnormals are not handled (a finite,
-// wrong value).
+// log(x) for positive normal floats: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log_near_one(m)
+// + e ln 2. 0 gives -inf, NaN and negatives NaN; subnormals are not handled (a finite, wrong
+// value).
 inline float host_log(float x) {
   int32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
@@ -82,16 +87,9 @@ inline float host_log(float x) {
   float m;
   std::memcpy(&m, &mantissa_bits, sizeof m);
   const bool big = m > 1.41421356f;
-  m = big ? 0.5f * m : m;
   const float e = static_cast<float>(((bits >> 23) & 0xff) - 127 + (big ? 1 : 0));
-  const float s = (m - 1.0f) / (m + 1.0f);
-  const float s2 = s * s;
-  float p = 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
-  const float r = e * 0.693145751953125f + (2.0f * s * p + e * 1.428606765330187e-06f);
+  const float r = e * 0.693145751953125f +
+                  (log_near_one(big ? 0.5f * m : m) + e * 1.428606765330187e-06f);
   return x > 0.0f ? r : (x == 0.0f ? neg_inf<float>() : quiet_nan<float>());
 }
 #endif
