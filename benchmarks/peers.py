@@ -50,12 +50,13 @@ def matmul_yardstick(emissions, predictions):
 
 
 def torchaudio_available():
+    """Whether torchaudio imports and still has functional.rnnt_loss (newer releases drop APIs)."""
     try:
         import torch  # noqa: F401
-        import torchaudio  # noqa: F401
+        import torchaudio.functional
     except Exception:  # ImportError, or a broken install
         return False
-    return True
+    return hasattr(torchaudio.functional, "rnnt_loss")
 
 
 def torchaudio_fwd_bwd(device="cpu"):

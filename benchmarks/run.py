@@ -248,7 +248,7 @@ def main(argv=None):
         report["threads"], text = threads_study(args)
     else:
         if "torchaudio" in args.peers and not peers.torchaudio_available():
-            log("torchaudio does not import: its column stays empty")
+            log("torchaudio does not import (or has no rnnt_loss): its column stays empty")
         rates, rows = {}, []
         for shape in args.shape_list:
             rows.append(bench_shape(shape, args, device, rates))
