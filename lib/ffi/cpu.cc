@@ -253,33 +253,24 @@ JT_CPU_CLONES void norm_moves_item(const float* E, const float* P, const int32_t
                                   t0, t1, out);
 }
 
-// The (B, T, U+1) results of the moves kernels; null where a kernel has no such result.
-struct MoveResults {
-  float* blank_lp;
-  float* label_lp;
-  float* log_norm = nullptr;
-  float* sums = nullptr;
-  float* max_e = nullptr;  // (B, T)
-  float* max_p = nullptr;  // (B, U+1)
-};
-
 // The moves of every example, over (example, frame chunk) work items: enough items to keep every
-// thread busy when B is small; an example's first chunk writes its prediction maxima.
+// thread busy when B is small. `all` holds the whole (B, T, U+1) and (B, T) results (null where a
+// kernel has none); max_p (B, U+1), or null, is written by each example's first chunk.
 template <bool kBest>
 void moves_all(ffi::ThreadPool& pool, const NormDims& n, const float* E, const float* P,
                const int32_t* labels, const int32_t* e_rows, const int32_t* p_rows,
-               int32_t blank, const MoveResults& r) {
+               int32_t blank, const cpu::MoveRows& all, float* max_p) {
   const int64_t chunks = n.chunks(pool), span = (n.nt + chunks - 1) / chunks;
   auto at = [](float* x, int64_t offset) { return x ? x + offset : nullptr; };
   parallel_for(pool, n.batch * chunks, [&](int64_t i) {
     const int64_t b = i / chunks, t0 = std::min(n.nt, (i % chunks) * span);
     const int64_t row = (b * n.nt + t0) * n.u1;  // frame t0's row of example b
-    const cpu::MoveRows out{r.blank_lp + row, r.label_lp + row, at(r.log_norm, row),
-                            at(r.sums, row), at(r.max_e, b * n.nt + t0)};
+    const cpu::MoveRows out{all.blank_lp + row, all.label_lp + row, at(all.log_norm, row),
+                            at(all.sums, row), at(all.max_e, b * n.nt + t0)};
     norm_moves_item<kBest>(E + b * n.nt * n.nv, P + b * n.u1 * n.nv,
                            labels ? labels + b * n.u1 : nullptr, n, n.e_len(e_rows, b),
                            n.p_len(p_rows, b), blank, t0, std::min(n.nt, t0 + span),
-                           i % chunks == 0 ? at(r.max_p, b * n.u1) : nullptr, out);
+                           i % chunks == 0 ? at(max_p, b * n.u1) : nullptr, out);
   });
 }
 
@@ -312,7 +303,8 @@ ffi::Error NormForward(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyB
                    labels.typed_data(), e_rows.typed_data(), p_rows.typed_data(), blank,
                    {blank_lp->typed_data<float>(), emit_lp->typed_data<float>(),
                     log_norm->typed_data<float>(), sums->typed_data<float>(),
-                    max_e->typed_data<float>(), max_p->typed_data<float>()});
+                    max_e->typed_data<float>()},
+                   max_p->typed_data<float>());
   return ffi::Error::Success();
 }
 
@@ -332,7 +324,9 @@ ffi::Error NormViterbi(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyB
     return err;
   moves_all<true>(pool, n, emissions.typed_data<float>(), predictions.typed_data<float>(),
                   nullptr, e_rows.typed_data(), p_rows.typed_data(), blank,
-                  {blank_lp->typed_data<float>(), best_lp->typed_data<float>()});
+                  {blank_lp->typed_data<float>(), best_lp->typed_data<float>(), nullptr, nullptr,
+                   nullptr},
+                  nullptr);
   return ffi::Error::Success();
 }
 
