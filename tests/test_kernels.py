@@ -152,6 +152,43 @@ def test_norm_viterbi_kernel(B, T, U1, V, blank):
         np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-5)
 
 
+def _rows_of_kind(kind, rng, B, T, U1, V):
+    E = rng.normal(size=(B, T, V))
+    P = rng.normal(size=(B, U1, V))
+    if kind == "anti":  # the best label is high in neither row: the candidates never settle it
+        s = 4 * rng.normal(size=(B, 1, V))
+        E, P = E + s, P - s
+    elif kind == "ties":  # integer scores, a quarter of each P row at its maximum
+        E = np.round(2 * E)
+        P = np.round(2 * P)
+        P[:, :, ::4] = P.max(-1, keepdims=True)
+    elif kind == "peaky":  # one label far above the rest per row, as in trained models
+        E[np.arange(B)[:, None], np.arange(T)[None], rng.integers(0, V, size=(B, T))] += 15
+        P[np.arange(B)[:, None], np.arange(U1)[None], rng.integers(0, V, size=(B, U1))] += 15
+    elif kind == "masked":  # half the labels at -inf; some rows all -inf but for one label
+        E[:, :, 1::2] = -np.inf
+        P[:, 1::3, 2:] = -np.inf
+    elif kind == "offset":  # large scores: the thresholds' statistics must not lose digits
+        E, P = E + 3e3, P - 2e3
+    return E.astype(np.float32), P.astype(np.float32)
+
+
+# V large enough for the candidate thresholds to matter, U1 over one 64-column chunk, T over one
+# 16-frame block, blank at either end or inside.
+@pytest.mark.parametrize("kind", ["gaussian", "anti", "ties", "peaky", "masked", "offset"])
+@pytest.mark.parametrize("V,blank", [(1001, 0), (300, 299), (129, 64)])
+def test_norm_viterbi_best_label_whatever_the_rows_look_like(kind, V, blank):
+    from jax_transducer import _ffi
+    rng = np.random.default_rng(V)
+    B, T, U1 = 2, 37, 70
+    E, P = _rows_of_kind(kind, rng, B, T, U1, V)
+    e_rows, p_rows = np.array([[T], [T - 5]], np.int32), np.array([[U1], [U1 - 9]], np.int32)
+    got = _ffi.norm_viterbi(E, P, e_rows, p_rows, blank)[1]
+    want = _moves_reference(E, P, e_rows, p_rows, blank)[2]
+    scale = np.abs(np.where(np.isfinite(E), E, 0)).max() + np.abs(np.where(np.isfinite(P), P, 0)).max()
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6 * scale + 1e-5)
+
+
 def test_norm_viterbi_kernel_recomputes_flushed_cells():
     # Example 0: emissions and predictions peak far apart, every product of shifted exponentials
     # underflows (S = 0). Example 1: the best label's product underflows (M below sqrt(tiny)),
