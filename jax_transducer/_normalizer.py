@@ -175,7 +175,8 @@ def _viterbi_moves_xla(emissions, predictions, e_used, p_used, *, blank):
 
 
 def _viterbi_moves_cpu(emissions, predictions, e_used, p_used, *, blank):
-    # One kernel: the sums and the per-cell max in one pass over V, finished in log space there.
+    # One kernel: the sums pass over V, with each cell's best label found among a few candidate
+    # labels of its rows (lib/cpu/normalizer_cpu.h, BestLabels), finished in log space there.
     return _ffi.norm_viterbi(emissions, predictions, *_row_counts(e_used, p_used), blank)
 
 
