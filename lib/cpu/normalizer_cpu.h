@@ -99,36 +99,54 @@ struct PredictionRows {
   const float* row(int64_t u) const { return &exp[u * nv_pad]; }
 };
 
-// S for rows a[0..MT) against prediction rows [u0, u0 + MU) (clamped to u_end - 1), over nv_pad
-// lanes.
-template <int MT, int MU>
+// S (and, kBest, M' = max_{v != blank} a[t, v] p[u, v]) for rows a[0..MT) against prediction
+// rows [u0, u0 + MU) (clamped to u_end - 1), over nv_pad lanes. With kBest the blank column of `a`
+// has been zeroed (so that M' skips it) and is added back by the caller.
+template <int MT, int MU, bool kBest>
 inline void sums_tile(const float* const* a, const PredictionRows& p, int64_t u0, int64_t u_end,
-                      float (&s)[MT][MU]) {
+                      float (&s)[MT][MU], float (&m)[MT][MU]) {
   const float* b[MU];
   for (int j = 0; j < MU; ++j) b[j] = p.row(std::min<int64_t>(u0 + j, u_end - 1));
   v8f acc[MT][MU] = {};
+  v8f best[MT][kBest ? MU : 1] = {};
   for (int64_t v = 0; v < p.nv_pad; v += kLanes) {
     v8f av[MT];
     for (int i = 0; i < MT; ++i) av[i] = load8(a[i] + v);
     for (int j = 0; j < MU; ++j) {
       const v8f bv = load8(b[j] + v);
-      for (int i = 0; i < MT; ++i) acc[i][j] += av[i] * bv;
+      for (int i = 0; i < MT; ++i) {
+        if constexpr (kBest) {
+          const v8f prod = av[i] * bv;
+          acc[i][j] += prod;
+          best[i][j] = max8(best[i][j], prod);
+        } else {
+          acc[i][j] += av[i] * bv;
+        }
+      }
     }
   }
   for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < MU; ++j) s[i][j] = sum8(acc[i][j]);
+    for (int j = 0; j < MU; ++j) {
+      s[i][j] = sum8(acc[i][j]);
+      if constexpr (kBest) m[i][j] = max8_reduce(best[i][j]);
+    }
 }
 
-// Forward for frames [t0, t1) of one example: S rows and mE, each pointer at frame t0's row. Only
-// the used cells (t < e_len, u < p_len) are computed; the others get 0, as does mE past e_len.
-inline void normalizer_forward_rows(const float* E, const PredictionRows& p, int64_t u1,
-                                    int64_t nv, int32_t e_len, int32_t p_len, int64_t t0,
-                                    int64_t t1, float* sums, float* max_e) {
-  constexpr int MT = 3, MU = 4;
+// Forward for frames [t0, t1) of one example: S rows, mE and (kBest) M' rows (sums_tile), each
+// pointer at frame t0's row. Only the used cells (t < e_len, u < p_len) are computed; the others
+// get 0, as does mE past e_len.
+template <bool kBest>
+void normalizer_forward_rows(const float* E, const PredictionRows& p, int64_t u1, int64_t nv,
+                             int32_t e_len, int32_t p_len, int32_t blank, int64_t t0, int64_t t1,
+                             float* sums, float* max_e, float* best) {
+  constexpr int MT = kBest ? 2 : 3, MU = kBest ? 3 : 4;
   const int64_t used = std::min<int64_t>(t1, std::max<int64_t>(t0, e_len)) - t0;  // frames
   std::fill(max_e + used, max_e + (t1 - t0), 0.0f);
-  std::fill(sums + used * u1, sums + (t1 - t0) * u1, 0.0f);
-  for (int64_t r = 0; r < used; ++r) std::fill(sums + r * u1 + p_len, sums + (r + 1) * u1, 0.0f);
+  for (float* out : {sums, best}) {
+    if (!out) continue;
+    std::fill(out + used * u1, out + (t1 - t0) * u1, 0.0f);
+    for (int64_t r = 0; r < used; ++r) std::fill(out + r * u1 + p_len, out + (r + 1) * u1, 0.0f);
+  }
   if (p_len <= 0) {  // no columns: mE still describes the used frames
     for (int64_t r = 0; r < used; ++r) max_e[r] = row_max(E + (t0 + r) * nv, nv);
     return;
@@ -137,16 +155,26 @@ inline void normalizer_forward_rows(const float* E, const PredictionRows& p, int
   for (int64_t r0 = 0; r0 < used; r0 += MT) {
     const int rows = static_cast<int>(std::min<int64_t>(MT, used - r0));
     const float* a[MT];
+    float a_blank[MT] = {};
     for (int i = 0; i < MT; ++i) {
       float* row = &tile[std::min(i, rows - 1) * p.nv_pad];
       a[i] = row;
-      if (i < rows) max_e[r0 + i] = exp_row(E + (t0 + r0 + i) * nv, nv, row, p.nv_pad);
+      if (i >= rows) continue;
+      max_e[r0 + i] = exp_row(E + (t0 + r0 + i) * nv, nv, row, p.nv_pad);
+      if constexpr (kBest) std::swap(a_blank[i], row[blank]);
     }
     for (int64_t u = 0; u < p_len; u += MU) {
-      float s[MT][MU];
-      sums_tile<MT, MU>(a, p, u, p_len, s);
+      float s[MT][MU], m[MT][MU];
+      sums_tile<MT, MU, kBest>(a, p, u, p_len, s, m);
       for (int i = 0; i < rows; ++i)
-        for (int j = 0; j < MU && u + j < p_len; ++j) sums[(r0 + i) * u1 + u + j] = s[i][j];
+        for (int j = 0; j < MU && u + j < p_len; ++j) {
+          const int64_t c = (r0 + i) * u1 + u + j;
+          sums[c] = s[i][j];
+          if constexpr (kBest) {
+            sums[c] += a_blank[i] * p.row(u + j)[blank];
+            best[c] = m[i][j];
+          }
+        }
     }
   }
 }
@@ -172,15 +200,18 @@ inline float candidate_z(int64_t nv) {
 }
 
 typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
 
-// mean + z * deviation of the row's finite scores, the blank excluded; -inf where that is not a
-// finite number (all labels become candidates).
+// mean + z * deviation of the row's finite scores (the blank excluded), from every fourth vector
+// of a long row (tau only steers the speed); -inf where that is not a finite number (all labels
+// become candidates).
 inline float candidate_threshold(const float* x, int64_t nv, int32_t blank, float z) {
   const float c = std::isfinite(x[0]) ? x[0] : 0.0f;  // shift: the variance loses no digits
   const int64_t vec_end = nv / kLanes * kLanes;
+  const int64_t step = nv >= 32 * kLanes ? 4 * kLanes : kLanes;
   v8f sum = {}, sq = {};
   v8i n = {};
-  for (int64_t v = 0; v < vec_end; v += kLanes) {
+  for (int64_t v = 0; v < vec_end; v += step) {
     const v8f d = load8(x + v) - c;
     const v8i finite = (d - d) == 0;  // inf - inf and NaN are NaN
     const v8f f = finite ? d : v8f{};
@@ -191,7 +222,9 @@ inline float candidate_threshold(const float* x, int64_t nv, int32_t blank, floa
   double s = sum8(sum), s2 = sum8(sq);
   int64_t count = 0;
   for (int i = 0; i < kLanes; ++i) count += n[i];
+  const bool blank_sampled = blank >= vec_end || blank % step < kLanes;
   for (int64_t v = vec_end; v <= nv; ++v) {  // the tail, then (v == nv) the blank taken out
+    if (v == nv && !blank_sampled) break;
     const float d = v < nv ? x[v] - c : x[blank] - c;
     if (!std::isfinite(d)) continue;
     const int sign = v < nv ? 1 : -1;
@@ -236,27 +269,35 @@ struct Candidates {
       index.resize(2 * (first + nv + kLanes));
       value.resize(index.size());
     }
-    // Branch-free: every vector stores its candidate lanes packed at the end of the list.
-    const int64_t vec_end = nv / kLanes * kLanes;
-    const v8i bit = {1, 2, 4, 8, 16, 32, 64, 128}, lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    // Branch-free: every vector stores its candidate lanes packed at the end of the list; one
+    // reduction finds the candidate lanes of four vectors.
+    const v8u bit = {1, 2, 4, 8, 16, 32, 64, 128};
     int32_t* idx = index.data();
     float* val = value.data();
     int64_t n = first;
-    for (int64_t v = 0; v < vec_end; v += kLanes) {
-      const v8f xv = load8(x + v);
-      v8i hit = (xv >= t) & bit;
+    int64_t v = 0;
+    for (; v + 4 * kLanes <= nv; v += 4 * kLanes) {
+      v8f xs[4];
+      v8u hit = {};
+      for (int q = 0; q < 4; ++q) {
+        xs[q] = load8(x + v + q * kLanes);
+        hit |= reinterpret_cast<v8u>(xs[q] >= t) & (bit << (8 * q));
+      }
       hit |= __builtin_shufflevector(hit, hit, 4, 5, 6, 7, 0, 1, 2, 3);
       hit |= __builtin_shufflevector(hit, hit, 2, 3, 0, 1, 6, 7, 4, 5);
       hit |= __builtin_shufflevector(hit, hit, 1, 0, 3, 2, 5, 4, 7, 6);
       uint32_t bits = hit[0];
-      if (blank >= v && blank < v + kLanes) bits &= ~(1u << (blank - v));
-      const v8i perm = pack_lanes.perm[bits];
-      store8(val + n, __builtin_shuffle(xv, perm));
-      const v8i iv = __builtin_shuffle(lane + static_cast<int32_t>(v), perm);
-      std::memcpy(idx + n, &iv, sizeof iv);
-      n += __builtin_popcount(bits);
+      if (blank >= v && blank < v + 4 * kLanes) bits &= ~(1u << (blank - v));
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t b = bits >> (8 * q) & 255;
+        const v8i perm = pack_lanes.perm[b];
+        store8(val + n, __builtin_shuffle(xs[q], perm));
+        const v8i iv = perm + static_cast<int32_t>(v + q * kLanes);
+        std::memcpy(idx + n, &iv, sizeof iv);
+        n += __builtin_popcount(b);
+      }
     }
-    for (int64_t v = vec_end; v < nv; ++v) {
+    for (; v < nv; ++v) {
       idx[n] = static_cast<int32_t>(v);
       val[n] = x[v];
       n += x[v] >= t && v != blank;
@@ -347,6 +388,7 @@ inline float dense_best(const float* e, const float* p, int64_t nv, int32_t blan
 class BestLabels {
  public:
   static constexpr int64_t kFrames = 16;
+  static constexpr int64_t kCandidatesFromV = 512;
 
   BestLabels(const float* P, int64_t nv, int32_t p_len, int32_t blank)
       : P_(P), nv_(nv), ld_(padded(p_len)), p_len_(p_len), blank_(blank), z_(candidate_z(nv)),
@@ -470,9 +512,23 @@ inline bool finish_frame(const float* __restrict s, const float* __restrict m,
   return inexact != 0;
 }
 
+// out[u] = max_e + max_p[u] + log m[u] (M from the dense path's M'), branch-free so that it
+// vectorises; true when some m[u] is below tiny (products may have been flushed).
+inline bool best_from_products(const float* __restrict m, float max_e,
+                               const float* __restrict max_p, int64_t n, float tiny,
+                               float* __restrict out) {
+  int lost = 0;
+  for (int64_t u = 0; u < n; ++u) {
+    out[u] = (max_e + max_p[u]) + host_log(m[u]);
+    lost |= m[u] < tiny;
+  }
+  return lost != 0;
+}
+
 // The move log-probabilities of frames [t0, t1) of one example, finished here rather than in XLA
 // passes over (B, T, U+1) arrays. kBest (viterbi): the label move takes the best non-blank label,
-// M[t, u] - log_norm (BestLabels); otherwise labels[u] (labels may be null when kBest). Cells
+// M[t, u] - log_norm (M from BestLabels, or for small V from the sums pass's dense max);
+// otherwise labels[u] (labels may be null when kBest). Cells
 // whose S may have lost digits to flushed products are recomputed from their own scores, as the
 // XLA path does (_normalizer.py). max_p: the prediction rows' maxima.
 template <bool kBest>
@@ -481,11 +537,15 @@ void finished_moves_rows(const float* E, const float* P, const PredictionRows& p
                          int32_t e_len, int32_t p_len, int32_t blank, int64_t t0, int64_t t1,
                          const MoveRows& out) {
   constexpr int64_t kBlock = BestLabels::kFrames;  // frames finished while their rows are in cache
-  const float s_floor = 1.08420217e-19f * static_cast<float>(nv);  // sqrt(FLT_MIN) * V
+  const float tiny = 1.08420217e-19f;  // sqrt(FLT_MIN)
+  const float s_floor = tiny * static_cast<float>(nv);
   const LabelColumns cols(P, labels, u1, nv, p_len, blank);
   std::vector<float> s(kBlock * u1), m(kBest ? kBlock * u1 + kLanes : 1), me(kBlock), ln(u1);
+  std::vector<float> m_log(kBest ? u1 : 0);  // the dense path's M, one frame at a time
+  // Below kCandidatesFromV labels the dense max in the sums pass is as cheap (measured).
+  const bool dense = kBest && nv < BestLabels::kCandidatesFromV;
   std::optional<BestLabels> best;
-  if (kBest && p_len > 0) best.emplace(P, nv, p_len, blank);
+  if (kBest && !dense && p_len > 0) best.emplace(P, nv, p_len, blank);
   const int64_t used = std::min<int64_t>(t1, std::max<int64_t>(t0, e_len)) - t0;
   for (float* o : {out.blank_lp, out.label_lp, out.log_norm, out.sums}) {
     if (!o) continue;
@@ -495,9 +555,21 @@ void finished_moves_rows(const float* E, const float* P, const PredictionRows& p
   if (out.max_e) std::fill(out.max_e + used, out.max_e + (t1 - t0), 0.0f);
   for (int64_t rb = 0; rb < used; rb += kBlock) {
     const int64_t n = std::min(kBlock, used - rb);
-    normalizer_forward_rows(E, p, u1, nv, e_len, p_len, t0 + rb, t0 + rb + n, s.data(),
-                            me.data());
-    if (best) best->block(E, t0 + rb, n, u1, m.data());
+    if (dense) {
+      normalizer_forward_rows<true>(E, p, u1, nv, e_len, p_len, blank, t0 + rb, t0 + rb + n,
+                                    s.data(), me.data(), m.data());
+      for (int64_t i = 0; i < n; ++i) {  // M from M'; where M' may have been flushed, from scratch
+        float* row = &m[i * u1];
+        if (best_from_products(row, me[i], max_p, p_len, tiny, m_log.data()))
+          for (int64_t u = 0; u < p_len; ++u)
+            if (row[u] < tiny) m_log[u] = dense_best(E + (t0 + rb + i) * nv, P + u * nv, nv, blank);
+        std::copy(m_log.begin(), m_log.begin() + p_len, row);
+      }
+    } else {
+      normalizer_forward_rows<false>(E, p, u1, nv, e_len, p_len, blank, t0 + rb, t0 + rb + n,
+                                     s.data(), me.data(), nullptr);
+      if (best) best->block(E, t0 + rb, n, u1, m.data());
+    }
     for (int64_t i = 0; i < n; ++i) {
       const int64_t r = rb + i;
       const float* e = E + (t0 + r) * nv;
