@@ -1,5 +1,6 @@
 """The kernel calls, as FFI targets or in pure XLA (_xla.py), and the choice between them: the
-lattice's forward, backward and viterbi, and on CPU the normaliser's fused forward and backward.
+lattice's forward, backward and viterbi, and on CPU the normaliser's fused forward and backward
+and viterbi's labels.
 
 `impl` (every public call takes it, trailing) picks the implementation: None or "auto" use the
 compiled kernels on the platforms this install has them for (`jax.lax.platform_dependent`, so that
@@ -42,12 +43,13 @@ VITERBI = "jax_transducer_viterbi"
 NORM_FORWARD = "jax_transducer_norm_forward"  # CPU only (float32): on GPUs XLA dots and fusions
 NORM_BACKWARD = "jax_transducer_norm_backward"
 NORM_VITERBI = "jax_transducer_norm_viterbi"
+BEST_LABELS = "jax_transducer_best_labels"
 
 for _module, _platform in ((_cpu, "cpu"), (_cuda, "CUDA")):
     if _module is not None:
         for _name, _capsule in _module.registrations().items():
             jax.ffi.register_ffi_target(_name, _capsule, platform=_platform)
-for _name in (FORWARD, BACKWARD, VITERBI, NORM_FORWARD, NORM_BACKWARD, NORM_VITERBI):
+for _name in (FORWARD, BACKWARD, VITERBI, NORM_FORWARD, NORM_BACKWARD, NORM_VITERBI, BEST_LABELS):
     jax.ffi.register_ffi_target_as_batch_partitionable(_name)
 
 
@@ -228,6 +230,14 @@ def norm_viterbi(emissions, predictions, e_rows, p_rows, blank):
     results = lambda e, p, *_: (_cells(e, p), _cells(e, p))
     return _kernel(NORM_VITERBI, results, blank=np.int32(blank))(emissions, predictions, e_rows,
                                                                    p_rows)
+
+
+def best_labels(emissions, predictions, frames, blank):
+    """CPU, float32. Viterbi's labels (B, U) int32 at its label moves: the first argmax over
+    v != blank of E[b, t, v] + P[b, u, v] (the first NaN if any) where t = frames[b, u] (B, U) is
+    a frame, the blank where it is not (NO_FRAME)."""
+    results = lambda e, p, f: (_like(f),)
+    return _kernel(BEST_LABELS, results, blank=np.int32(blank))(emissions, predictions, frames)[0]
 
 
 def norm_backward(emissions, predictions, e_rows, p_rows, max_e, w, g_blank, g_emit, log_norm,

@@ -3,10 +3,10 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from . import _checks, _ffi
 from ._lattice import inference_moves, kernel_lengths
+from ._normalizer import best_labels
 
 
 def viterbi(emissions, predictions, input_lengths, label_lengths, blank=0, impl=None):
@@ -48,18 +48,6 @@ def _viterbi(emissions, predictions, input_lengths, label_lengths, blank, impl):
     # The lattice kernel finds the best path's label moves and reports, per label position, the
     # frame of that move (NO_FRAME past label_length). Only those U cells then need their argmax
     # over V.
-    frame = _ffi.viterbi_frames(blank_lp, best_lp,
-                                *kernel_lengths(input_lengths, label_lengths, valid), impl)[:, :-1]
-    rows = jnp.take_along_axis(emissions, jnp.maximum(frame, 0)[..., None], axis=1)  # (B, U, V)
-    scores = rows + predictions[:, :-1]
-    scores = jnp.where(jnp.arange(scores.shape[-1]) == blank, -jnp.inf, scores)
-    return jnp.where(frame >= 0, _first_argmax(scores), blank)
-
-
-def _first_argmax(x):
-    """jnp.argmax over the last axis (the first maximum; the first NaN if any), as int32: a max
-    and a min of indices, two reductions that XLA vectorises on CPU, where its argmax (one
-    reduction over (value, index) pairs) runs 2.5x slower."""
-    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
-    hit = (x == jnp.max(x, axis=-1, keepdims=True)) | jnp.isnan(x)
-    return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+    frames = _ffi.viterbi_frames(blank_lp, best_lp,
+                                 *kernel_lengths(input_lengths, label_lengths, valid), impl)[:, :-1]
+    return best_labels(emissions, predictions, frames, blank, impl)

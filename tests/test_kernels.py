@@ -189,6 +189,43 @@ def test_norm_viterbi_best_label_whatever_the_rows_look_like(kind, V, blank):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6 * scale + 1e-5)
 
 
+def _best_labels_reference(E, P, frames, blank):
+    """NumPy: jnp.argmax's choice (first maximum, first NaN if any) of E[t] + P[u], blank masked."""
+    B, U = frames.shape
+    out = np.full((B, U), blank, np.int32)
+    for b in range(B):
+        for u in range(U):
+            t = frames[b, u]
+            if 0 <= t < E.shape[1]:
+                s = E[b, t] + P[b, u]
+                s[blank] = -np.inf
+                out[b, u] = np.flatnonzero(np.isnan(s))[0] if np.isnan(s).any() else np.argmax(s)
+    return out
+
+
+@pytest.mark.parametrize("V,blank", [(1, 0), (2, 1), (17, 0), (40, 39), (1001, 500)])
+def test_best_labels_kernel(V, blank):
+    import jax
+    from jax_transducer import _ffi, _normalizer
+    rng = np.random.default_rng(V)
+    B, T, U = 3, 6, 5
+    E = np.round(rng.normal(size=(B, T, V)), 1).astype(np.float32)  # rounded: ties happen
+    P = np.round(rng.normal(size=(B, U + 1, V)), 1).astype(np.float32)
+    E[0, 2, V // 3] = np.nan  # a NaN wins wherever it is
+    E[1, 3] = -np.inf  # every label at -inf: the first index
+    P[2, 1, :] = P[2, 1, ::-1]
+    frames = rng.integers(0, T, size=(B, U)).astype(np.int32)
+    frames[0, :2] = 2
+    frames[1, 0] = 3
+    frames[2, 1:3] = [-1, T]  # no label move, and a frame outside [0, T): the blank
+    frames[2, 4] = -(2**31)
+    want = _best_labels_reference(E, P, frames, blank)
+    got = jax.jit(lambda *a: _ffi.best_labels(*a, blank))(E, P, frames)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    xla = _normalizer.best_labels(E, P, np.where(frames < T, frames, -1), blank, impl="xla")
+    np.testing.assert_array_equal(np.asarray(xla), want)
+
+
 def test_norm_viterbi_kernel_recomputes_flushed_cells():
     # Example 0: emissions and predictions peak far apart, every product of shifted exponentials
     # underflows (S = 0). Example 1: the best label's product underflows (M below sqrt(tiny)),

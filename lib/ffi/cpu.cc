@@ -216,8 +216,9 @@ struct NormDims {
   }
 };
 
-ffi::Error norm_dims(const ffi::AnyBuffer& emissions, const ffi::AnyBuffer& predictions,
-                     Dims e_len, Dims p_len, int32_t blank, NormDims* n) {
+// Float32 scores (B, T, V) and (B, U1, V), and blank in [0, V).
+ffi::Error score_dims(const ffi::AnyBuffer& emissions, const ffi::AnyBuffer& predictions,
+                      int32_t blank, NormDims* n) {
   auto e = emissions.dimensions();
   auto p = predictions.dimensions();
   if (e.size() < 3 || p.size() != e.size() || e.back() != p.back())
@@ -230,15 +231,20 @@ ffi::Error norm_dims(const ffi::AnyBuffer& emissions, const ffi::AnyBuffer& pred
   d.u1 = p[p.size() - 2];
   const int64_t nv = e.back();
   d.batch = emissions.element_count() / std::max<int64_t>(1, d.nt * nv);
-  if (auto err = first_failure({expect_shape("predictions", p, d, d.u1, nv),
-                                expect_shape("emission_rows", e_len, d, 1),
-                                expect_shape("prediction_rows", p_len, d, 1)});
-      err.failure())
-    return err;
+  if (auto err = expect_shape("predictions", p, d, d.u1, nv); err.failure()) return err;
   if (blank < 0 || blank >= nv)
     return ffi::Error::InvalidArgument("jax_transducer: blank outside [0, V)");
   *n = NormDims{d.batch, d.nt, d.u1, nv};
   return ffi::Error::Success();
+}
+
+// score_dims, and the row counts (B, 1).
+ffi::Error norm_dims(const ffi::AnyBuffer& emissions, const ffi::AnyBuffer& predictions,
+                     Dims e_len, Dims p_len, int32_t blank, NormDims* n) {
+  if (auto err = score_dims(emissions, predictions, blank, n); err.failure()) return err;
+  LatticeDims d{n->batch, n->nt, n->u1};
+  return first_failure({expect_shape("emission_rows", e_len, d, 1),
+                        expect_shape("prediction_rows", p_len, d, 1)});
 }
 
 template <bool kBest>
@@ -327,6 +333,42 @@ ffi::Error NormViterbi(ffi::ThreadPool pool, ffi::AnyBuffer emissions, ffi::AnyB
                   {blank_lp->typed_data<float>(), best_lp->typed_data<float>(), nullptr, nullptr,
                    nullptr},
                   nullptr);
+  return ffi::Error::Success();
+}
+
+JT_CPU_CLONES void best_labels_example(const float* E, const float* P, const int32_t* frames,
+                                       const NormDims& n, int64_t nu, int32_t blank,
+                                       int32_t* labels) {
+  for (int64_t u = 0; u < nu; ++u) {
+    const int32_t t = frames[u];
+    labels[u] = t >= 0 && t < n.nt ? cpu::first_best_label(E + t * n.nv, P + u * n.nv, n.nv, blank)
+                                   : blank;
+  }
+}
+
+// Viterbi's labels at its path's label moves: labels[b, u] (B, U) = the first argmax over
+// v != blank of E[b, t, v] + P[b, u, v] (the first NaN if any) where t = frames[b, u] is a frame,
+// the blank where it is not (NO_FRAME: no label move).
+ffi::Error BestLabelsAt(ffi::ThreadPool pool, ffi::AnyBuffer emissions,
+                        ffi::AnyBuffer predictions, ffi::Buffer<ffi::S32> frames, int32_t blank,
+                        ffi::Result<ffi::Buffer<ffi::S32>> labels) {
+  NormDims n;
+  if (auto err = score_dims(emissions, predictions, blank, &n); err.failure()) return err;
+  LatticeDims d{n.batch, n.nt, n.u1};
+  const auto f = frames.dimensions();
+  const int64_t nu = f.size() ? f.back() : 0;
+  if (auto err = first_failure({nu <= n.u1 ? expect_shape("frames", f, d, nu)
+                                           : ffi::Error::InvalidArgument(
+                                                 "jax_transducer: frames has more than U1 columns"),
+                                expect_shape("labels", labels->dimensions(), d, nu)});
+      err.failure())
+    return err;
+  const float* E = emissions.typed_data<float>();
+  const float* P = predictions.typed_data<float>();
+  parallel_for(pool, n.batch, [&](int64_t b) {
+    best_labels_example(E + b * n.nt * n.nv, P + b * n.u1 * n.nv, frames.typed_data() + b * nu, n,
+                        nu, blank, labels->typed_data() + b * nu);
+  });
   return ffi::Error::Success();
 }
 
@@ -495,6 +537,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JtNormViterbiCpu, NormViterbi,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JtBestLabelsCpu, BestLabelsAt,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("blank")
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JtNormBackwardCpu, NormBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -544,6 +595,8 @@ PYBIND11_MODULE(_cpu, m) {
         py::capsule(reinterpret_cast<void*>(jax_transducer::JtNormBackwardCpu));
     d["jax_transducer_norm_viterbi"] =
         py::capsule(reinterpret_cast<void*>(jax_transducer::JtNormViterbiCpu));
+    d["jax_transducer_best_labels"] =
+        py::capsule(reinterpret_cast<void*>(jax_transducer::JtBestLabelsCpu));
     return d;
   });
 }
