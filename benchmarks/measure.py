@@ -64,6 +64,29 @@ def time_calls(fn, repeats):
                 cpu_per_wall=cpu / wall, other_per_wall=other)
 
 
+def time_round_robin(fns, repeats):
+    """time_calls for several functions at once: after one warm-up call each, `repeats` rounds
+    that call each function once, so that a burst of load on this shared machine hits all of them
+    alike and their ratios hold. other_per_wall is that of the whole loop, the same for all."""
+    for fn in fns.values():
+        fn()
+    walls = {name: [] for name in fns}
+    cpus = dict.fromkeys(fns, 0.0)
+    busy0, t0 = busy_cpu_seconds(), time.perf_counter()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            cpu0, start = time.process_time(), time.perf_counter()
+            fn()
+            walls[name].append(time.perf_counter() - start)
+            cpus[name] += time.process_time() - cpu0
+    wall, busy1 = time.perf_counter() - t0, busy_cpu_seconds()
+    other = (None if busy1 is None or wall < 0.5 else
+             max(0.0, (busy1 - busy0 - sum(cpus.values())) / wall))
+    return {name: dict(median_s=statistics.median(w), min_s=min(w), repeats=repeats,
+                       cpu_per_wall=cpus[name] / sum(w), other_per_wall=other)
+            for name, w in walls.items()}
+
+
 def jax_timer(compiled, *args):
     return lambda: jax.block_until_ready(compiled(*args))
 

@@ -26,7 +26,8 @@ import numpy as np
 import jax_transducer as jt
 
 from . import peers
-from .measure import compile_jit, inputs, jax_timer, log, machine_info, time_calls
+from .measure import (compile_jit, inputs, jax_timer, log, machine_info, time_calls,
+                      time_round_robin)
 
 DEFAULT_SHAPES = "4,150,20,100;8,300,40,500;8,500,50,100;8,500,50,1000;8,500,50,2000"
 QUICK_SHAPES = "2,50,10,50;4,100,20,200"
@@ -114,8 +115,12 @@ def bench_shape(shape, args, device, rates):
         else:
             row["skipped"]["torchaudio"] = reason
 
+    # Ours and the yardstick round-robin (their ratios are the point); the slow peers alone.
+    fast = [name for name in timers if name not in ("pure_jax", "torchaudio")]
+    row.update(time_round_robin({name: timers[name] for name in fast}, args.repeats))
     for name, fn in timers.items():
-        row[name] = time_calls(fn, args.repeats)
+        if name not in fast:
+            row[name] = time_calls(fn, args.repeats)
         if name in ("pure_jax", "torchaudio"):
             rates[name] = max(rates.get(name, 0.0), row[name]["median_s"] / cells)
         other = row[name]["other_per_wall"]
