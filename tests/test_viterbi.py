@@ -20,6 +20,24 @@ def test_viterbi_matches_reference(device, case, dtype):
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "peaky", "anti"])
+def test_viterbi_with_candidate_labels_matches_reference(device, kind):
+    # V >= 512: the CPU kernel finds each cell's best label among candidates (BestLabels); peaky
+    # rows settle every cell, anti-correlated ones send most cells to the dense max.
+    E, P, _, in_len, lab_len = make_batch(7, B=3, T=21, U=6, V=600, blank=5)
+    rng = np.random.default_rng(7)
+    if kind == "peaky":
+        E[:, np.arange(21), rng.integers(0, 600, size=21)] += 12
+        P[:, np.arange(7), rng.integers(0, 600, size=7)] += 12
+    elif kind == "anti":
+        s = 4 * rng.normal(size=600)
+        E, P = E + s, P - s
+    E, P = E.astype(np.float32), P.astype(np.float32)
+    got = jt.viterbi(*put(device, E, P, in_len, lab_len), blank=5)
+    want = ref.viterbi(E.astype(np.float64), P.astype(np.float64), in_len, lab_len, 5)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 @pytest.mark.parametrize("seed,blank", [(40, 0), (41, 3), (42, 1)])
 def test_viterbi_matches_brute_force(device, seed, blank):
     E, P, _, in_len, lab_len = make_batch(seed, B=4, T=4, U=3, V=5, blank=blank)
