@@ -186,7 +186,7 @@ void normalizer_forward_rows(const float* E, const PredictionRows& p, int64_t u1
 // at least a threshold tau (the row's mean plus z deviations, z chosen for about sqrt(V) candidates
 // on Gaussian-like rows). A label that is a candidate of neither row t nor row u scores below
 // tau_e[t] + tau_p[u] (float addition is monotone, so also after rounding): where the best
-// candidate reaches that bound it is M. The other cells (about 1% on Gaussian scores, more on
+// candidate reaches that bound it is M. The other cells (0.2-0.5% on Gaussian scores, more on
 // adversarial ones) take the dense max. Thresholds only steer the speed, never the result.
 
 // The z for rows of nv labels (blank included): a Gaussian row's tail beyond z holds about
