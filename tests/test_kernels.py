@@ -175,14 +175,17 @@ def _rows_of_kind(kind, rng, B, T, U1, V):
 
 # V from 512 on takes candidate labels (BestLabels), below it the dense max; U1 over one 64-column
 # chunk, T over one 16-frame block, blank at either end or inside.
+# B = 1: the example is split into frame chunks (one per thread), which start past frame 0.
 @pytest.mark.parametrize("kind", ["gaussian", "anti", "ties", "peaky", "masked", "offset"])
 @pytest.mark.parametrize("V,blank", [(1001, 0), (600, 599), (515, 257), (129, 64)])
-def test_norm_viterbi_best_label_whatever_the_rows_look_like(kind, V, blank):
+@pytest.mark.parametrize("B", [1, 2])
+def test_norm_viterbi_best_label_whatever_the_rows_look_like(kind, V, blank, B):
     from jax_transducer import _ffi
     rng = np.random.default_rng(V)
-    B, T, U1 = 2, 37, 70
+    T, U1 = 37, 70
     E, P = _rows_of_kind(kind, rng, B, T, U1, V)
-    e_rows, p_rows = np.array([[T], [T - 5]], np.int32), np.array([[U1], [U1 - 9]], np.int32)
+    e_rows = np.array([[T], [T - 5]][:B], np.int32)
+    p_rows = np.array([[U1], [U1 - 9]][:B], np.int32)
     got = _ffi.norm_viterbi(E, P, e_rows, p_rows, blank)[1]
     want = _moves_reference(E, P, e_rows, p_rows, blank)[2]
     scale = np.abs(np.where(np.isfinite(E), E, 0)).max() + np.abs(np.where(np.isfinite(P), P, 0)).max()
