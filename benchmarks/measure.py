@@ -45,29 +45,13 @@ def busy_cpu_seconds():
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def time_calls(fn, repeats):
-    """Median and min wall seconds of fn() over `repeats` calls after one warm-up call, with
-    cpu_per_wall (this process's CPU seconds per wall second: how many cores it kept busy) and
-    other_per_wall (CPU seconds of every other process per wall second: contention; coarse, the
-    kernel counts in 10 ms ticks; None under 0.5 s). fn must block on its result."""
-    fn()
-    walls, cpu0, busy0, t0 = [], time.process_time(), busy_cpu_seconds(), time.perf_counter()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        walls.append(time.perf_counter() - start)
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
-    busy1 = busy_cpu_seconds()
-    # Too coarse below ~0.5 s of wall time: left out.
-    other = None if busy1 is None or wall < 0.5 else max(0.0, (busy1 - busy0 - cpu) / wall)
-    return dict(median_s=statistics.median(walls), min_s=min(walls), repeats=repeats,
-                cpu_per_wall=cpu / wall, other_per_wall=other)
-
-
 def time_round_robin(fns, repeats):
-    """time_calls for several functions at once: after one warm-up call each, `repeats` rounds
-    that call each function once, so that a burst of load on this shared machine hits all of them
-    alike and their ratios hold. other_per_wall is that of the whole loop, the same for all."""
+    """Median and min wall seconds of each function over `repeats` rounds that call each one once
+    (after a warm-up round), so that a burst of load on this shared machine hits all of them
+    alike, with cpu_per_wall (this process's CPU seconds per wall second of its calls: how many
+    cores it kept busy) and other_per_wall (CPU seconds of every other process per wall second
+    over the whole loop, the same for all: contention; coarse, the kernel counts in 10 ms ticks;
+    None under 0.5 s). Each function must block on its result."""
     for fn in fns.values():
         fn()
     walls = {name: [] for name in fns}
@@ -85,6 +69,11 @@ def time_round_robin(fns, repeats):
     return {name: dict(median_s=statistics.median(w), min_s=min(w), repeats=repeats,
                        cpu_per_wall=cpus[name] / sum(w), other_per_wall=other)
             for name, w in walls.items()}
+
+
+def time_calls(fn, repeats):
+    """time_round_robin of one function."""
+    return time_round_robin({"fn": fn}, repeats)["fn"]
 
 
 def jax_timer(compiled, *args):

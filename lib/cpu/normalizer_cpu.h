@@ -387,25 +387,12 @@ inline float dense_best(const float* e, const float* p, int64_t nv, int32_t blan
 // any: jnp.argmax's choice, which the XLA path makes.
 inline int32_t first_best_label(const float* e, const float* p, int64_t nv, int32_t blank) {
   auto score = [&](int64_t v) { return v == blank ? -INFINITY : e[v] + p[v]; };
-  v8f top = splat8(-INFINITY);
-  v8i nan = {};
-  int64_t v = 0;
-  for (; v + kLanes <= nv; v += kLanes) {
-    v8f x = load8(e + v) + load8(p + v);
-    if (blank >= v && blank < v + kLanes) x[blank - v] = -INFINITY;
-    top = max8(top, x);
-    nan |= x != x;
-  }
-  float best = max8_reduce(top);
-  bool any_nan = false;
-  for (int i = 0; i < kLanes; ++i) any_nan |= nan[i] != 0;
-  for (; v < nv; ++v) {
-    best = std::max(best, score(v));
-    any_nan |= score(v) != score(v);
-  }
-  for (v = 0; v < nv; ++v) {
+  bool nan = false;
+  for (int64_t v = 0; v < nv; ++v) nan |= score(v) != score(v);
+  const float top = dense_best(e, p, nv, blank);
+  for (int64_t v = 0; v < nv; ++v) {
     const float s = score(v);
-    if (any_nan ? s != s : s == best) return static_cast<int32_t>(v);
+    if (nan ? s != s : s == top) return static_cast<int32_t>(v);
   }
   return blank;  // not reached: some v scores the maximum
 }
