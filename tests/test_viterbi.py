@@ -22,7 +22,7 @@ def test_viterbi_matches_reference(device, case, dtype):
 
 @pytest.mark.parametrize("kind", ["gaussian", "peaky", "anti"])
 def test_viterbi_with_candidate_labels_matches_reference(device, kind):
-    # V >= 512: the CPU kernel finds each cell's best label among candidates (BestLabels); peaky
+    # V >= 128: the CPU kernel finds each cell's best label among candidates (BestLabels); peaky
     # rows settle every cell, anti-correlated ones send most cells to the dense max.
     E, P, _, in_len, lab_len = make_batch(7, B=3, T=21, U=6, V=600, blank=5)
     rng = np.random.default_rng(7)

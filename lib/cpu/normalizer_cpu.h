@@ -30,6 +30,8 @@ namespace jax_transducer {
 namespace cpu {
 
 typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
 constexpr int64_t kLanes = 8;
 
 inline int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
@@ -56,26 +58,58 @@ inline float max8_reduce(v8f x) {  // halves, quarters, pairs: three shuffles an
 // products). NaN stays NaN.
 inline float norm_exp(float x) { return x < -87.3f ? 0.0f : host_exp(x); }
 
-// max over x[0, nv), NaN if any is NaN. Eight lanes at a time.
+// norm_exp of eight lanes, the same arithmetic as host_exp written on vectors: the compiler's
+// own vectorisation of the scalar clamps made 47 instructions of selects and constant reloads,
+// against about 20 here (the row exponentials were a fifth of the forward normaliser's time).
+inline v8f norm_exp8(v8f x) {
+  const v8f lo = splat8(-87.0f), hi = splat8(88.0f), shift = splat8(12582912.0f);
+  v8f xc = x > lo ? x : lo;  // NaN -> -87, fixed below
+  xc = xc < hi ? xc : hi;
+  const v8f k = (xc * 1.44269504f + shift) - shift;  // round(xc / ln2)
+  const v8f r = (xc - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
+  v8f e = splat8(1.0f / 5040.0f);
+  e = e * r + 1.0f / 720.0f;
+  e = e * r + 1.0f / 120.0f;
+  e = e * r + 1.0f / 24.0f;
+  e = e * r + 1.0f / 6.0f;
+  e = e * r + 0.5f;
+  e = e * r + 1.0f;
+  e = e * r + 1.0f;
+  const v8i bits = (__builtin_convertvector(k, v8i) + 127) << 23;  // 2^k, k in [-87, 127]
+  v8f scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const v8f y = e * scale;
+  return x != x ? x : (x < -87.3f ? v8f{} : y);
+}
+
+// out[v] = norm_exp(x[v] - m) for v < nv.
+inline void exp_shifted(const float* x, int64_t nv, float m, float* out) {
+  int64_t v = 0;
+  for (; v + kLanes <= nv; v += kLanes) store8(out + v, norm_exp8(load8(x + v) - m));
+  for (; v < nv; ++v) out[v] = norm_exp(x[v] - m);
+}
+
+// max over x[0, nv), NaN if any is NaN. Four vectors at a time, in independent maxima.
 inline float row_max(const float* x, int64_t nv) {
-  const int64_t vec_end = nv / kLanes * kLanes;
+  auto take = [](v8f acc, v8f xv) { return (xv > acc) | (xv != xv) ? xv : acc; };
   float m = x[0];
-  if (vec_end > 0) {
-    v8f acc = load8(x);
-    for (int64_t v = kLanes; v < vec_end; v += kLanes) {
-      const v8f xv = load8(x + v);
-      acc = (xv > acc) | (xv != xv) ? xv : acc;
-    }
-    for (int i = 0; i < kLanes; ++i) m = (acc[i] > m || acc[i] != acc[i]) ? acc[i] : m;
+  int64_t v = 0;
+  if (nv >= 4 * kLanes) {
+    v8f acc[4];
+    for (int q = 0; q < 4; ++q) acc[q] = load8(x + q * kLanes);
+    for (v = 4 * kLanes; v + 4 * kLanes <= nv; v += 4 * kLanes)
+      for (int q = 0; q < 4; ++q) acc[q] = take(acc[q], load8(x + v + q * kLanes));
+    const v8f all = take(take(acc[0], acc[1]), take(acc[2], acc[3]));
+    for (int i = 0; i < kLanes; ++i) m = (all[i] > m || all[i] != all[i]) ? all[i] : m;
   }
-  for (int64_t v = vec_end; v < nv; ++v) m = (x[v] > m || x[v] != x[v]) ? x[v] : m;
+  for (; v < nv; ++v) m = (x[v] > m || x[v] != x[v]) ? x[v] : m;
   return m;
 }
 
 // out[0, nv) = exp(x - max x), zeros up to nv_pad; returns max x (NaN rows give NaN).
 inline float exp_row(const float* x, int64_t nv, float* out, int64_t nv_pad) {
   const float m = row_max(x, nv);
-  for (int64_t v = 0; v < nv; ++v) out[v] = norm_exp(x[v] - m);
+  exp_shifted(x, nv, m, out);
   std::fill(out + nv, out + nv_pad, 0.0f);
   return m;
 }
@@ -132,13 +166,30 @@ inline void sums_tile(const float* const* a, const PredictionRows& p, int64_t u0
     }
 }
 
+// Reads the next rows of E into the cache while the current ones are multiplied, a slice per
+// step: streaming E from memory was a tenth of the forward normaliser's time.
+struct Prefetch {
+  const char* base;
+  int64_t bytes, per_step;
+  Prefetch(const float* x, int64_t n, int64_t steps)
+      : base(reinterpret_cast<const char*>(x)), bytes(n * 4),
+        per_step((bytes + 64 * steps - 1) / (64 * steps) * 64) {}
+  void step(int64_t k) const {
+    for (int64_t b = k * per_step; b < std::min(bytes, (k + 1) * per_step); b += 64)
+      __builtin_prefetch(base + b);
+  }
+};
+
 // Forward for frames [t0, t1) of one example: S rows, mE and (kBest) M' rows (sums_tile), each
 // pointer at frame t0's row. Only the used cells (t < e_len, u < p_len) are computed; the others
-// get 0, as does mE past e_len.
-template <bool kBest>
+// get 0, as does mE past e_len. on_row(row) sees each used row of E, in order, while it is in L1.
+struct NoRowHook {
+  void operator()(const float*) const {}
+};
+template <bool kBest, typename OnRow = NoRowHook>
 void normalizer_forward_rows(const float* E, const PredictionRows& p, int64_t u1, int64_t nv,
                              int32_t e_len, int32_t p_len, int32_t blank, int64_t t0, int64_t t1,
-                             float* sums, float* max_e, float* best) {
+                             float* sums, float* max_e, float* best, const OnRow& on_row = {}) {
   constexpr int MT = kBest ? 2 : 3, MU = kBest ? 3 : 4;
   const int64_t used = std::min<int64_t>(t1, std::max<int64_t>(t0, e_len)) - t0;  // frames
   std::fill(max_e + used, max_e + (t1 - t0), 0.0f);
@@ -161,9 +212,14 @@ void normalizer_forward_rows(const float* E, const PredictionRows& p, int64_t u1
       a[i] = row;
       if (i >= rows) continue;
       max_e[r0 + i] = exp_row(E + (t0 + r0 + i) * nv, nv, row, p.nv_pad);
+      on_row(E + (t0 + r0 + i) * nv);
       if constexpr (kBest) std::swap(a_blank[i], row[blank]);
     }
+    // The next rows, past t1 too (the caller's next block), within the example's used rows.
+    const int64_t next = std::min<int64_t>(e_len - t0, r0 + 2 * MT) - (r0 + MT);
+    const Prefetch ahead(E + (t0 + r0 + MT) * nv, std::max<int64_t>(next, 0) * nv, p_len / MU + 1);
     for (int64_t u = 0; u < p_len; u += MU) {
+      ahead.step(u / MU);
       float s[MT][MU], m[MT][MU];
       sums_tile<MT, MU, kBest>(a, p, u, p_len, s, m);
       for (int i = 0; i < rows; ++i)
@@ -199,8 +255,6 @@ inline float candidate_z(int64_t nv) {
                                     (1.0 + 1.432788 * t + 0.189269 * t * t + 0.001308 * t * t * t));
 }
 
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
 
 // mean + z * deviation of the row's finite scores (the blank excluded), from every fourth vector
 // of a long row (tau only steers the speed); -inf where that is not a finite number (all labels
@@ -238,6 +292,13 @@ inline float candidate_threshold(const float* x, int64_t nv, int32_t blank, floa
   return std::isfinite(tau) ? tau : -INFINITY;
 }
 
+inline bool any8(v8i x) {  // some lane nonzero
+  x |= __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3);
+  x |= __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5);
+  x |= __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6);
+  return x[0] != 0;
+}
+
 // Lane permutations that pack the lanes set in an 8-bit mask to the front, for every mask.
 struct PackLanes {
   v8i perm[256];
@@ -252,11 +313,10 @@ struct PackLanes {
 };
 inline const PackLanes pack_lanes;
 
-// Candidate labels of score rows, row after row.
+// Candidate labels of score rows, row after row (their scores are read from the rows themselves).
 struct Candidates {
   std::vector<float> tau;                // per row
   std::vector<int32_t> start{0}, index;  // row r's candidates: [start[r], start[r + 1])
-  std::vector<float> value;
 
   void clear() {
     tau.clear();
@@ -265,24 +325,18 @@ struct Candidates {
   void add_row(const float* x, int64_t nv, int32_t blank, float z) {
     float t = candidate_threshold(x, nv, blank, z);
     const int64_t first = start.back();
-    if (static_cast<int64_t>(index.size()) < first + nv + kLanes) {  // room for a whole row
+    if (static_cast<int64_t>(index.size()) < first + nv + kLanes)  // room for a whole row
       index.resize(2 * (first + nv + kLanes));
-      value.resize(index.size());
-    }
-    // Branch-free: every vector stores its candidate lanes packed at the end of the list; one
-    // reduction finds the candidate lanes of four vectors.
+    // Branch-free: every vector stores its candidate lanes' indices packed at the end of the
+    // list; one reduction finds the candidate lanes of four vectors.
     const v8u bit = {1, 2, 4, 8, 16, 32, 64, 128};
     int32_t* idx = index.data();
-    float* val = value.data();
     int64_t n = first;
     int64_t v = 0;
     for (; v + 4 * kLanes <= nv; v += 4 * kLanes) {
-      v8f xs[4];
       v8u hit = {};
-      for (int q = 0; q < 4; ++q) {
-        xs[q] = load8(x + v + q * kLanes);
-        hit |= reinterpret_cast<v8u>(xs[q] >= t) & (bit << (8 * q));
-      }
+      for (int q = 0; q < 4; ++q)
+        hit |= reinterpret_cast<v8u>(load8(x + v + q * kLanes) >= t) & (bit << (8 * q));
       hit |= __builtin_shufflevector(hit, hit, 4, 5, 6, 7, 0, 1, 2, 3);
       hit |= __builtin_shufflevector(hit, hit, 2, 3, 0, 1, 6, 7, 4, 5);
       hit |= __builtin_shufflevector(hit, hit, 1, 0, 3, 2, 5, 4, 7, 6);
@@ -290,35 +344,36 @@ struct Candidates {
       if (blank >= v && blank < v + 4 * kLanes) bits &= ~(1u << (blank - v));
       for (int q = 0; q < 4; ++q) {
         const uint32_t b = bits >> (8 * q) & 255;
-        const v8i perm = pack_lanes.perm[b];
-        store8(val + n, __builtin_shuffle(xs[q], perm));
-        const v8i iv = perm + static_cast<int32_t>(v + q * kLanes);
+        const v8i iv = pack_lanes.perm[b] + static_cast<int32_t>(v + q * kLanes);
         std::memcpy(idx + n, &iv, sizeof iv);
         n += __builtin_popcount(b);
       }
     }
     for (; v < nv; ++v) {
       idx[n] = static_cast<int32_t>(v);
-      val[n] = x[v];
       n += x[v] >= t && v != blank;
     }
     // A row far from Gaussian can have many labels above tau: keep the 4 sqrt(V) best or so
     // (ties may keep more).
     const int64_t cap = static_cast<int64_t>(4.0 * std::sqrt(static_cast<double>(nv))) + 8;
     if (n - first > cap) {
-      std::vector<float> top(val + first, val + n);
+      std::vector<float> top(n - first);
+      for (int64_t k = first; k < n; ++k) top[k - first] = x[idx[k]];
       std::nth_element(top.begin(), top.begin() + (cap - 1), top.end(), std::greater<float>());
       t = top[cap - 1];
       int64_t kept = first;
       for (int64_t k = first; k < n; ++k)
-        if (val[k] >= t) {
-          idx[kept] = idx[k];
-          val[kept++] = val[k];
-        }
+        if (x[idx[k]] >= t) idx[kept++] = idx[k];
       n = kept;
     }
     tau.push_back(t);
     start.push_back(static_cast<int32_t>(n));
+  }
+  // The candidates' scores, contiguous, for rows x, x + ld, ...
+  void gather(const float* x, int64_t ld, std::vector<float>* out) const {
+    out->resize(start.back());
+    for (size_t r = 0; r + 1 < start.size(); ++r)
+      for (int32_t k = start[r]; k < start[r + 1]; ++k) (*out)[k] = x[r * ld + index[k]];
   }
 };
 
@@ -349,25 +404,28 @@ inline void transpose8(const float* const* rows, int64_t nv, float* dst, int64_t
 }
 
 // out[0, 8 NU) = max over the k < count candidates of val[k] + cols[idx[k] * ld + (0, 8 NU)].
-// Two candidates per step, so that short rows (NU of 1 or 2) still have independent maxima.
+// Short rows (NU < 4) take two candidates per step, so that they still have independent maxima.
 template <int NU>
 inline void candidates_max(const int32_t* idx, const float* val, int32_t count, const float* cols,
                            int64_t ld, float* out) {
-  v8f acc[2][NU];
-  for (int j = 0; j < NU; ++j) acc[0][j] = acc[1][j] = splat8(-INFINITY);
+  constexpr int H = NU < 4 ? 2 : 1;
+  v8f acc[H][NU];
+  for (int h = 0; h < H; ++h)
+    for (int j = 0; j < NU; ++j) acc[h][j] = splat8(-INFINITY);
   int32_t k = 0;
-  for (; k + 2 <= count; k += 2)
-    for (int h = 0; h < 2; ++h) {
-      const v8f x = splat8(val[k + h]);
+  for (; k + H <= count; k += H)
+    for (int h = 0; h < H; ++h) {
+      const v8f xv = splat8(val[k + h]);
       const float* r = cols + idx[k + h] * ld;
-      for (int j = 0; j < NU; ++j) acc[h][j] = max8(acc[h][j], x + load8(r + j * kLanes));
+      for (int j = 0; j < NU; ++j) acc[h][j] = max8(acc[h][j], xv + load8(r + j * kLanes));
     }
   if (k < count) {
-    const v8f x = splat8(val[k]);
+    const v8f xv = splat8(val[k]);
     const float* r = cols + idx[k] * ld;
-    for (int j = 0; j < NU; ++j) acc[0][j] = max8(acc[0][j], x + load8(r + j * kLanes));
+    for (int j = 0; j < NU; ++j) acc[0][j] = max8(acc[0][j], xv + load8(r + j * kLanes));
   }
-  for (int j = 0; j < NU; ++j) store8(out + j * kLanes, max8(acc[0][j], acc[1][j]));
+  for (int j = 0; j < NU; ++j) store8(out + j * kLanes, H == 2 ? max8(acc[0][j], acc[H - 1][j])
+                                                              : acc[0][j]);
 }
 
 // max_{v != blank} (e[v] + p[v]): the cells the candidates do not settle.
@@ -401,8 +459,12 @@ inline int32_t first_best_label(const float* e, const float* p, int64_t nv, int3
 // prepared once; block() serves up to kFrames frames at a time.
 class BestLabels {
  public:
-  static constexpr int64_t kFrames = 16;
-  static constexpr int64_t kCandidatesFromV = 512;
+  // A multiple of 8 (the transposes) and of the sums tiles' 2 and 3 rows (16 wasted a tile's
+  // rows per block: the forward ran 5% slower).
+  static constexpr int64_t kFrames = 24;
+  // Below it the dense max in the sums pass is as cheap (measured, 2026-12-01: V = 100 equal,
+  // 127 to 1000 the candidates 10-20% faster).
+  static constexpr int64_t kCandidatesFromV = 128;
 
   BestLabels(const float* P, int64_t nv, int32_t p_len, int32_t blank)
       : P_(P), nv_(nv), ld_(padded(p_len)), p_len_(p_len), blank_(blank), z_(candidate_z(nv)),
@@ -411,28 +473,34 @@ class BestLabels {
         bt_(a_.size()), tau_p_(static_cast<size_t>(ld_), -INFINITY),
         none_(static_cast<size_t>(std::max(nv, kFrames)), -INFINITY) {
     for (int32_t u = 0; u < p_len; ++u) pc_.add_row(P + u * nv, nv, blank, z_);
+    pc_.gather(P, nv, &pv_);
     std::copy(pc_.tau.begin(), pc_.tau.end(), tau_p_.begin());
     for (int64_t u0 = 0; u0 < ld_; u0 += kLanes)
       transpose8(rows(P, u0, p_len, nv), nv, &pt_[u0], ld_);
   }
 
-  // m[i * u1 + u] = M[t0 + i, u] for n <= kFrames frames from t0 and u < p_len; m has room for
-  // (n - 1) * u1 + padded(p_len) floats (lanes past p_len are overwritten or unused).
+  // A block's frames, in order, first given to add_frame (from the sums pass, while each row is
+  // in L1: gathering its candidates later was a third slower), then to block().
+  void begin_block() { ec_.clear(); }
+  void add_frame(const float* e_row) { ec_.add_row(e_row, nv_, blank_, z_); }
+
+  // m[i * u1 + u] = M[t0 + i, u] for the n <= kFrames frames from t0 given to add_frame and
+  // u < p_len; m has room for (n - 1) * u1 + padded(p_len) floats (lanes past p_len are
+  // overwritten or unused).
   void block(const float* E, int64_t t0, int64_t n, int64_t u1, float* m) {
     const float* e = E + t0 * nv_;
-    ec_.clear();
-    for (int64_t i = 0; i < n; ++i) ec_.add_row(e + i * nv_, nv_, blank_, z_);
+    ec_.gather(e, nv_, &ev_);
     for (int64_t i0 = 0; i0 < kFrames; i0 += kLanes)
       transpose8(rows(e, i0, n, nv_), nv_, &et_[i0], kFrames);
     for (int64_t i = 0; i < n; ++i) {  // E's candidates against every column, 64 at a time
       const int32_t k0 = ec_.start[i], count = ec_.start[i + 1] - k0;
       for (int64_t c = 0; c < ld_; c += 8 * kLanes)
         chunk_max(static_cast<int>(std::min<int64_t>(8, (ld_ - c) / kLanes)), &ec_.index[k0],
-                  &ec_.value[k0], count, &pt_[c], ld_, &a_[i * ld_ + c]);
+                  &ev_[k0], count, &pt_[c], ld_, &a_[i * ld_ + c]);
     }
     for (int32_t u = 0; u < p_len_; ++u) {  // P's candidates against every frame
       const int32_t k0 = pc_.start[u];
-      candidates_max<kFrames / kLanes>(&pc_.index[k0], &pc_.value[k0], pc_.start[u + 1] - k0,
+      candidates_max<kFrames / kLanes>(&pc_.index[k0], &pv_[k0], pc_.start[u + 1] - k0,
                                        et_.data(), kFrames, &b_[u * kFrames]);
     }
     for (int64_t u0 = 0; u0 < ld_; u0 += kLanes)  // b_ to frame-major, like a_
@@ -441,10 +509,10 @@ class BestLabels {
       for (int64_t u = 0; u < ld_; u += kLanes) {
         const v8f best = max8(load8(&a_[i * ld_ + u]), load8(&bt_[i * ld_ + u]));
         store8(m + i * u1 + u, best);  // m has room for the lanes past p_len
-        const v8i settled = best >= ec_.tau[i] + load8(&tau_p_[u]);
-        for (int j = 0; j < kLanes; ++j)  // rare: the candidates did not settle the cell
-          if (!settled[j] && u + j < p_len_)
-            m[i * u1 + u + j] = dense_best(e + i * nv_, P_ + (u + j) * nv_, nv_, blank_);
+        const v8i open = ~(best >= ec_.tau[i] + load8(&tau_p_[u])) & (lane_ + static_cast<int32_t>(u) < p_len_);
+        if (any8(open))  // rare: the candidates did not settle some cell
+          for (int j = 0; j < kLanes; ++j)
+            if (open[j]) m[i * u1 + u + j] = dense_best(e + i * nv_, P_ + (u + j) * nv_, nv_, blank_);
       }
   }
 
@@ -454,8 +522,10 @@ class BestLabels {
   int32_t p_len_, blank_;
   float z_;
   std::vector<float> pt_, et_, a_, b_, bt_, tau_p_, none_;  // none_: -inf for absent rows
+  std::vector<float> pv_, ev_;  // the candidates' scores
   Candidates pc_, ec_;
   const float* row_ptr_[8];
+  static constexpr v8i lane_ = {0, 1, 2, 3, 4, 5, 6, 7};
 
   // Rows r0 + (0..8) of x (row length ld), absent ones (from n on) read as -inf.
   const float* const* rows(const float* x, int64_t r0, int64_t n, int64_t ld) {
@@ -556,7 +626,6 @@ void finished_moves_rows(const float* E, const float* P, const PredictionRows& p
   const LabelColumns cols(P, labels, u1, nv, p_len, blank);
   std::vector<float> s(kBlock * u1), m(kBest ? kBlock * u1 + kLanes : 1), me(kBlock), ln(u1);
   std::vector<float> m_log(kBest ? u1 : 0);  // the dense path's M, one frame at a time
-  // Below kCandidatesFromV labels the dense max in the sums pass is as cheap (measured).
   const bool dense = kBest && nv < BestLabels::kCandidatesFromV;
   std::optional<BestLabels> best;
   if (kBest && !dense && p_len > 0) best.emplace(P, nv, p_len, blank);
@@ -580,8 +649,12 @@ void finished_moves_rows(const float* E, const float* P, const PredictionRows& p
         std::copy(m_log.begin(), m_log.begin() + p_len, row);
       }
     } else {
+      if (best) best->begin_block();
+      auto add_frame = [&](const float* row) {
+        if (best) best->add_frame(row);
+      };
       normalizer_forward_rows<false>(E, p, u1, nv, e_len, p_len, blank, t0 + rb, t0 + rb + n,
-                                     s.data(), me.data(), nullptr);
+                                     s.data(), me.data(), nullptr, add_frame);
       if (best) best->block(E, t0 + rb, n, u1, m.data());
     }
     for (int64_t i = 0; i < n; ++i) {
@@ -698,7 +771,7 @@ inline void normalizer_backward_rows(const float* E, const PredictionRows& p, co
       if (i < rows) {
         const float* e = E + (t + i) * nv;
         const float m = max_e[t + i];
-        for (int64_t v = 0; v < nv; ++v) row[v] = norm_exp(e[v] - m);
+        exp_shifted(e, nv, m, row);
         std::fill(row + nv, row + nv_pad, 0.0f);
       } else {
         std::fill(row, row + nv_pad, 0.0f);
