@@ -369,9 +369,10 @@ struct Candidates {
     tau.push_back(t);
     start.push_back(static_cast<int32_t>(n));
   }
-  // The candidates' scores, contiguous, for rows x, x + ld, ...
+  // The candidates' scores, contiguous, for rows x, x + ld, ... (one spare entry: out->data() + k
+  // is a valid pointer for every k <= start.back(), even with no candidates at all).
   void gather(const float* x, int64_t ld, std::vector<float>* out) const {
-    out->resize(start.back());
+    out->resize(start.back() + 1);
     for (size_t r = 0; r + 1 < start.size(); ++r)
       for (int32_t k = start[r]; k < start[r + 1]; ++k) (*out)[k] = x[r * ld + index[k]];
   }
@@ -495,13 +496,14 @@ class BestLabels {
     for (int64_t i = 0; i < n; ++i) {  // E's candidates against every column, 64 at a time
       const int32_t k0 = ec_.start[i], count = ec_.start[i + 1] - k0;
       for (int64_t c = 0; c < ld_; c += 8 * kLanes)
-        chunk_max(static_cast<int>(std::min<int64_t>(8, (ld_ - c) / kLanes)), &ec_.index[k0],
-                  &ev_[k0], count, &pt_[c], ld_, &a_[i * ld_ + c]);
+        chunk_max(static_cast<int>(std::min<int64_t>(8, (ld_ - c) / kLanes)), ec_.index.data() + k0,
+                  ev_.data() + k0, count, &pt_[c], ld_, &a_[i * ld_ + c]);
     }
     for (int32_t u = 0; u < p_len_; ++u) {  // P's candidates against every frame
       const int32_t k0 = pc_.start[u];
-      candidates_max<kFrames / kLanes>(&pc_.index[k0], &pv_[k0], pc_.start[u + 1] - k0,
-                                       et_.data(), kFrames, &b_[u * kFrames]);
+      candidates_max<kFrames / kLanes>(pc_.index.data() + k0, pv_.data() + k0,
+                                       pc_.start[u + 1] - k0, et_.data(), kFrames,
+                                       &b_[u * kFrames]);
     }
     for (int64_t u0 = 0; u0 < ld_; u0 += kLanes)  // b_ to frame-major, like a_
       transpose8(rows(b_.data(), u0, p_len_, kFrames), kFrames, &bt_[u0], ld_);
@@ -509,10 +511,12 @@ class BestLabels {
       for (int64_t u = 0; u < ld_; u += kLanes) {
         const v8f best = max8(load8(&a_[i * ld_ + u]), load8(&bt_[i * ld_ + u]));
         store8(m + i * u1 + u, best);  // m has room for the lanes past p_len
-        const v8i open = ~(best >= ec_.tau[i] + load8(&tau_p_[u])) & (lane_ + static_cast<int32_t>(u) < p_len_);
+        const v8i open = ~(best >= ec_.tau[i] + load8(&tau_p_[u])) &
+                         (lane_ + static_cast<int32_t>(u) < p_len_);
         if (any8(open))  // rare: the candidates did not settle some cell
           for (int j = 0; j < kLanes; ++j)
-            if (open[j]) m[i * u1 + u + j] = dense_best(e + i * nv_, P_ + (u + j) * nv_, nv_, blank_);
+            if (open[j])
+              m[i * u1 + u + j] = dense_best(e + i * nv_, P_ + (u + j) * nv_, nv_, blank_);
       }
   }
 
