@@ -217,7 +217,8 @@ void normalizer_forward_rows(const float* E, const PredictionRows& p, int64_t u1
     }
     // The next rows, past t1 too (the caller's next block), within the example's used rows.
     const int64_t next = std::min<int64_t>(e_len - t0, r0 + 2 * MT) - (r0 + MT);
-    const Prefetch ahead(E + (t0 + r0 + MT) * nv, std::max<int64_t>(next, 0) * nv, p_len / MU + 1);
+    const Prefetch ahead(next > 0 ? E + (t0 + r0 + MT) * nv : E, std::max<int64_t>(next, 0) * nv,
+                         p_len / MU + 1);
     for (int64_t u = 0; u < p_len; u += MU) {
       ahead.step(u / MU);
       float s[MT][MU], m[MT][MU];
