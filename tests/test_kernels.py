@@ -27,6 +27,25 @@ def test_far_below_range_is_tiny_not_wrong():
     assert (got >= 0).all() and (got < 2e-38).all()
 
 
+@pytest.mark.parametrize("build", [0, 1])  # the clone the kernels run, the baseline x86-64 build
+def test_normaliser_exp(build):
+    # exp(E - row max) of the normaliser's passes: vectors of 8 lanes, then a scalar tail (1003
+    # entries: both). Relative error below 1e-6 down to -87, 0 below -87.3 (where the products it
+    # feeds would not be normal), exp(-87) between; NaN stays NaN.
+    x = np.concatenate([np.linspace(-87, 0, 400001), -np.geomspace(1e-8, 87, 10001),
+                        [-87.2, -87.4, -88, -1e30, -np.inf, np.nan, 0.0, -0.0, 1e-7]])
+    x = x.astype(np.float32)
+    got = _cpu.norm_exp(x)[build]
+    want = np.exp(x.astype(np.float64))
+    ok = x >= -87
+    assert np.max(np.abs(got[ok] / want[ok] - 1)) < 1e-6
+    assert (got[x == np.float32(-87.2)] == got[np.flatnonzero(x == -87)[0]]).all()
+    assert (got[(x < -87.3) | (x == -np.inf)] == 0).all()
+    assert np.isnan(got[np.isnan(x)]).all()
+    tail = _cpu.norm_exp(x[:1003])[build]  # 125 vectors and a 3-entry tail
+    np.testing.assert_array_equal(tail, got[:1003])
+
+
 def test_log_relative_error_below_1e6():
     # Positive normal floats, densely around 1 (where log is small) and across the whole range.
     x = np.concatenate([np.linspace(0.5, 2, 400001), np.geomspace(1.2e-38, 3.4e38, 400001),

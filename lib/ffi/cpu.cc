@@ -564,6 +564,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JtNormBackwardCpu, NormBackward,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 
+// For tests: the normaliser's exponentials, in the clone the kernels run (x86-64-v3 where the CPU
+// has it); the pybind function below also calls the baseline build directly.
+JT_CPU_CLONES void norm_exp_dispatched(const float* x, int64_t n, float* out) {
+  cpu::exp_shifted(x, n, 0.0f, out);
+}
+
 }  // namespace jax_transducer
 
 PYBIND11_MODULE(_cpu, m) {
@@ -580,6 +586,14 @@ PYBIND11_MODULE(_cpu, m) {
     return pybind11::make_tuple(e, l, g);
   });
   m.def("log_add", [](float a, float b) { return jax_transducer::log_add(a, b); });
+  // The normaliser's exp(x) (vectors of 8 and a scalar tail; 0 below -87.3): the clone the
+  // kernels run, and the baseline x86-64 build.
+  m.def("norm_exp", [](pybind11::array_t<float, pybind11::array::c_style> x) {
+    pybind11::array_t<float> a(x.size()), b(x.size());
+    jax_transducer::norm_exp_dispatched(x.data(), x.size(), a.mutable_data());
+    jax_transducer::cpu::exp_shifted(x.data(), x.size(), 0.0f, b.mutable_data());
+    return pybind11::make_tuple(a, b);
+  });
   m.def("registrations", []() {
     namespace py = pybind11;
     py::dict d;
