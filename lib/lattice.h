@@ -33,20 +33,27 @@ JT_HD T quiet_nan() { return static_cast<T>(NAN); }
 // (compiled with -fno-trapping-math, which lets the compiler turn the selects into blends).
 // Relative error below 1e-6 (tests/test_kernels.py).
 
-// exp(x): range reduction by ln 2 and a degree-7 Taylor polynomial (|r| <= ln2/2). Arguments are
-// clamped to [-87, 88], where 2^k stays a normal float; NaN stays NaN.
-inline float host_exp(float x) {
-  const float xc = x >= -87.0f ? (x <= 88.0f ? x : 88.0f) : -87.0f;  // NaN -> -87, fixed below
-  const float k = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(xc / ln2)
-  const float r = (xc - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
-  float e = 1.0f / 5040.0f;
+// exp(xc) = 2^k exp(r): k = round(xc / ln2) (returned in *k) and exp(r), |r| <= ln2/2, by a
+// degree-7 Taylor polynomial. F is float or a GCC vector of floats (the CPU normaliser's rows).
+template <typename F>
+inline F exp_reduced(F xc, F* k) {
+  *k = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;
+  const F r = (xc - *k * 0.693145751953125f) - *k * 1.428606765330187e-06f;
+  F e = F{} + 1.0f / 5040.0f;
   e = e * r + 1.0f / 720.0f;
   e = e * r + 1.0f / 120.0f;
   e = e * r + 1.0f / 24.0f;
   e = e * r + 1.0f / 6.0f;
   e = e * r + 0.5f;
   e = e * r + 1.0f;
-  e = e * r + 1.0f;
+  return e * r + 1.0f;
+}
+
+// exp(x): exp_reduced of x clamped to [-87, 88], where 2^k stays a normal float; NaN stays NaN.
+inline float host_exp(float x) {
+  const float xc = x >= -87.0f ? (x <= 88.0f ? x : 88.0f) : -87.0f;  // NaN -> -87, fixed below
+  float k;
+  const float e = exp_reduced(xc, &k);
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-126, 127]
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
