@@ -248,7 +248,6 @@ inline float candidate_z(int64_t nv) {
                                     (1.0 + 1.432788 * t + 0.189269 * t * t + 0.001308 * t * t * t));
 }
 
-
 // mean + z * deviation of the row's finite scores (the blank excluded), from every fourth vector
 // of a long row (tau only steers the speed); -inf where that is not a finite number (all labels
 // become candidates).
@@ -453,11 +452,11 @@ inline int32_t first_best_label(const float* e, const float* p, int64_t nv, int3
 // prepared once; block() serves up to kFrames frames at a time.
 class BestLabels {
  public:
-  // A multiple of 8 (the transposes) and of the sums tiles' 2 and 3 rows (16 wasted a tile's
-  // rows per block: the forward ran 5% slower).
+  // A multiple of 8 (the transposes) and of the sums tiles' 2 and 3 rows (16 left a one-row
+  // tile per block: the forward kernel ran 4-5% slower).
   static constexpr int64_t kFrames = 24;
-  // Below it the dense max in the sums pass is as cheap (measured, 2026-12-01: V = 100 equal,
-  // 127 to 1000 the candidates 10-20% faster).
+  // Below it the dense max in the sums pass is as cheap (measured, 2026-12-01: equal at V = 100,
+  // the candidates 5-20% faster from V = 127 to 500).
   static constexpr int64_t kCandidatesFromV = 128;
 
   BestLabels(const float* P, int64_t nv, int32_t p_len, int32_t blank)
@@ -474,7 +473,7 @@ class BestLabels {
   }
 
   // A block's frames, in order, first given to add_frame (from the sums pass, while each row is
-  // in L1: gathering its candidates later was a third slower), then to block().
+  // in L1), then to block().
   void begin_block() { ec_.clear(); }
   void add_frame(const float* e_row) { ec_.add_row(e_row, nv_, blank_, z_); }
 
@@ -489,8 +488,8 @@ class BestLabels {
     for (int64_t i = 0; i < n; ++i) {  // E's candidates against every column, 64 at a time
       const int32_t k0 = ec_.start[i], count = ec_.start[i + 1] - k0;
       for (int64_t c = 0; c < ld_; c += 8 * kLanes)
-        chunk_max(static_cast<int>(std::min<int64_t>(8, (ld_ - c) / kLanes)), ec_.index.data() + k0,
-                  ev_.data() + k0, count, &pt_[c], ld_, &a_[i * ld_ + c]);
+        chunk_max(static_cast<int>(std::min<int64_t>(8, (ld_ - c) / kLanes)),
+                  ec_.index.data() + k0, ev_.data() + k0, count, &pt_[c], ld_, &a_[i * ld_ + c]);
     }
     for (int32_t u = 0; u < p_len_; ++u) {  // P's candidates against every frame
       const int32_t k0 = pc_.start[u];
