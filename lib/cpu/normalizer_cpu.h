@@ -21,6 +21,7 @@
 #include <cstring>
 #include <functional>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -715,6 +716,34 @@ inline void weighted_prediction_rows(const float* const* w, const PredictionRows
   }
 }
 
+// y[j, :] += sum_{i < MT} wt[j * MT + i] a[i, :] for NU rows j of y (row length nv_pad, as a's):
+// NU x 2 accumulators per step of 16 columns, each load of `a` serving NU rows (one row at a time
+// chained 8 FMAs on one register; this is 10% faster on the whole backward kernel, 6 rows 3% more
+// than 4). Same order of additions per element as one row at a time.
+constexpr int kRowsY = 6;
+template <int NU, int MT>
+inline void add_weighted_rows(const float* wt, const float* a, int64_t nv_pad, float* y) {
+  auto step = [&](int64_t c, auto nc) {
+    constexpr int NC = decltype(nc)::value;
+    v8f acc[NU][NC];
+    for (int j = 0; j < NU; ++j)
+      for (int k = 0; k < NC; ++k) acc[j][k] = load8(y + j * nv_pad + c + k * kLanes);
+    for (int i = 0; i < MT; ++i) {
+      v8f av[NC];
+      for (int k = 0; k < NC; ++k) av[k] = load8(a + i * nv_pad + c + k * kLanes);
+      for (int j = 0; j < NU; ++j) {
+        const v8f wv = splat8(wt[j * MT + i]);
+        for (int k = 0; k < NC; ++k) acc[j][k] += wv * av[k];
+      }
+    }
+    for (int j = 0; j < NU; ++j)
+      for (int k = 0; k < NC; ++k) store8(y + j * nv_pad + c + k * kLanes, acc[j][k]);
+  };
+  int64_t c = 0;
+  for (; c + 2 * kLanes <= nv_pad; c += 2 * kLanes) step(c, std::integral_constant<int, 2>{});
+  if (c < nv_pad) step(c, std::integral_constant<int, 1>{});
+}
+
 // Backward for frames [t0, t1) of one example: writes dE rows (exponential part plus the blank
 // and label columns) and adds sum_t W[t, u] a[t, v] into y (u1 x nv_pad, zeroed by the caller).
 //
@@ -754,7 +783,7 @@ inline void normalizer_backward_rows(const float* E, const PredictionRows& p, co
                                      const ExactCells& exact, float* d_e, float* y) {
   constexpr int MT = 2 * kRowsX;  // frames per tile: each y row is read and written once per tile
   const int64_t nv_pad = p.nv_pad;
-  std::vector<float> tile(static_cast<size_t>(2 * MT * nv_pad));
+  std::vector<float> tile(static_cast<size_t>(2 * MT * nv_pad)), wt(static_cast<size_t>(u1 * MT));
   float* a = tile.data();                 // MT rows of exponentials
   float* x = tile.data() + MT * nv_pad;   // MT rows of sum_u W[t, u] p[u, :]
   for (int64_t t = t0; t < t1; t += MT) {
@@ -794,17 +823,14 @@ inline void normalizer_backward_rows(const float* E, const PredictionRows& p, co
       out[blank] += gb;
       exact_cell_shares(E + (t + i) * nv, t + i, u1, nv, nv_pad, p_len, exact, out);
     }
-    // y += W^T a for these rows (rows past `rows` are zero in a; y's rows past p_len are unused).
-    for (int64_t u = 0; u < p_len; ++u) {
-      v8f wv[MT];
-      for (int i = 0; i < MT; ++i) wv[i] = splat8(i < rows ? w[(t + i) * u1 + u] : 0.0f);
-      float* yr = y + u * nv_pad;
-      for (int64_t c = 0; c < nv_pad; c += kLanes) {
-        v8f acc = load8(yr + c);
-        for (int i = 0; i < MT; ++i) acc += wv[i] * load8(a + i * nv_pad + c);
-        store8(yr + c, acc);
-      }
-    }
+    // y += W^T a for these rows (rows past `rows` are zero in a and in wt; y's rows past p_len
+    // are unused): kRowsY prediction rows at a time, so that each load of `a` serves several.
+    for (int64_t u = 0; u < p_len; ++u)
+      for (int i = 0; i < MT; ++i) wt[u * MT + i] = i < rows ? w[(t + i) * u1 + u] : 0.0f;
+    int64_t u = 0;
+    for (; u + kRowsY <= p_len; u += kRowsY)
+      add_weighted_rows<kRowsY, MT>(&wt[u * MT], a, nv_pad, y + u * nv_pad);
+    for (; u < p_len; ++u) add_weighted_rows<1, MT>(&wt[u * MT], a, nv_pad, y + u * nv_pad);
   }
 }
 
