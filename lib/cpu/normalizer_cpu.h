@@ -418,8 +418,10 @@ inline void candidates_max(const int32_t* idx, const float* val, int32_t count, 
     const float* r = cols + idx[k] * ld;
     for (int j = 0; j < NU; ++j) acc[0][j] = max8(acc[0][j], xv + load8(r + j * kLanes));
   }
-  for (int j = 0; j < NU; ++j) store8(out + j * kLanes, H == 2 ? max8(acc[0][j], acc[H - 1][j])
-                                                              : acc[0][j]);
+  for (int j = 0; j < NU; ++j) {
+    for (int h = 1; h < H; ++h) acc[0][j] = max8(acc[0][j], acc[h][j]);
+    store8(out + j * kLanes, acc[0][j]);
+  }
 }
 
 // max_{v != blank} (e[v] + p[v]): the cells the candidates do not settle.
