@@ -438,13 +438,39 @@ inline float dense_best(const float* e, const float* p, int64_t nv, int32_t blan
 }
 
 // The first v with e[v] + p[v] (-inf at the blank) equal to its maximum, or the first NaN if
-// any: jnp.argmax's choice, which the XLA path makes.
+// any: jnp.argmax's choice, which the XLA path makes. Two vector passes: the maximum and whether
+// a NaN occurs, then the first lane that matches (viterbi's U cells per example; three scalar
+// passes took as long as its lattice kernel at V = 500-1000).
 inline int32_t first_best_label(const float* e, const float* p, int64_t nv, int32_t blank) {
+  const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const int64_t vec_end = nv / kLanes * kLanes;
+  auto scores = [&](int64_t v) {  // lanes v..v+7
+    const v8f s = load8(e + v) + load8(p + v);
+    return lane + static_cast<int32_t>(v) == blank ? splat8(-INFINITY) : s;
+  };
   auto score = [&](int64_t v) { return v == blank ? -INFINITY : e[v] + p[v]; };
-  bool nan = false;
-  for (int64_t v = 0; v < nv; ++v) nan |= score(v) != score(v);
-  const float top = dense_best(e, p, nv, blank);
-  for (int64_t v = 0; v < nv; ++v) {
+  v8f top8 = splat8(-INFINITY);
+  v8i nan8 = {};
+  for (int64_t v = 0; v < vec_end; v += kLanes) {
+    const v8f s = scores(v);
+    nan8 |= s != s;
+    top8 = max8(top8, s);  // a NaN lane may stay NaN or not: only a nan-free maximum is used
+  }
+  bool nan = any8(nan8);
+  float top = max8_reduce(top8);
+  for (int64_t v = vec_end; v < nv; ++v) {
+    const float s = score(v);
+    nan |= s != s;
+    top = std::max(top, s);
+  }
+  for (int64_t v = 0; v < vec_end; v += kLanes) {
+    const v8f s = scores(v);
+    const v8i hit = nan ? s != s : s == top;
+    if (any8(hit))
+      for (int j = 0; j < kLanes; ++j)
+        if (hit[j]) return static_cast<int32_t>(v + j);
+  }
+  for (int64_t v = vec_end; v < nv; ++v) {
     const float s = score(v);
     if (nan ? s != s : s == top) return static_cast<int32_t>(v);
   }
