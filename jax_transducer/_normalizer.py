@@ -197,10 +197,13 @@ def _best_labels_xla(emissions, predictions, frames, *, blank):
 
 def _first_argmax(x):
     """jnp.argmax over the last axis (the first maximum; the first NaN if any), as int32: a max
-    and a min of indices, two reductions that XLA vectorises on CPU, where its argmax (one
-    reduction over (value, index) pairs) runs 2.5x slower."""
+    and a min of indices, reductions that XLA vectorises on CPU, where its argmax (one reduction
+    over (value, index) pairs) runs 2.5x slower. NaNs are looked for explicitly: XLA's CPU max
+    reduction may skip them (jax 0.10.2, rows of 1001 in a (3, 5, 1001) array)."""
     index = jnp.arange(x.shape[-1], dtype=jnp.int32)
-    hit = (x == jnp.max(x, axis=-1, keepdims=True)) | jnp.isnan(x)
+    is_nan = jnp.isnan(x)
+    top = jnp.max(jnp.where(is_nan, -jnp.inf, x), axis=-1, keepdims=True)
+    hit = jnp.where(is_nan.any(axis=-1, keepdims=True), is_nan, x == top)
     return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
 
 

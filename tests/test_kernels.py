@@ -225,7 +225,8 @@ def _best_labels_reference(E, P, frames, blank):
     return out
 
 
-@pytest.mark.parametrize("V,blank", [(1, 0), (2, 1), (17, 0), (40, 39), (1001, 500)])
+@pytest.mark.parametrize("V,blank", [(1, 0), (2, 1), (8, 3), (17, 0), (40, 39), (67, 66),
+                                     (1001, 500)])
 def test_best_labels_kernel(V, blank):
     import jax
     from jax_transducer import _ffi, _normalizer
@@ -234,10 +235,12 @@ def test_best_labels_kernel(V, blank):
     E = np.round(rng.normal(size=(B, T, V)), 1).astype(np.float32)  # rounded: ties happen
     P = np.round(rng.normal(size=(B, U + 1, V)), 1).astype(np.float32)
     E[0, 2, V // 3] = np.nan  # a NaN wins wherever it is
+    E[0, 4, -1] = np.nan  # in the last lane or the scalar tail (masked where it is the blank)
     E[1, 3] = -np.inf  # every label at -inf: the first index
     P[2, 1, :] = P[2, 1, ::-1]
     frames = rng.integers(0, T, size=(B, U)).astype(np.int32)
     frames[0, :2] = 2
+    frames[0, 2] = 4
     frames[1, 0] = 3
     frames[2, 1:3] = [-1, T]  # no label move, and a frame outside [0, T): the blank
     frames[2, 4] = -(2**31)
