@@ -44,7 +44,8 @@ inline v8f load8(const float* p) {
 inline void store8(float* p, v8f x) { std::memcpy(p, &x, sizeof x); }
 // A broadcast. This spelling becomes one vbroadcastss from memory in the target_clones build;
 // v8f{} + x is a real add (0 + -0 is +0) and a shuffle, v8f{x, x, ...} lane inserts: with either,
-// the broadcasts of the backward's GEMM-like loops took the FMAs' ports (that kernel 14% slower).
+// the broadcasts in the backward's GEMM-like loops took the FMAs' ports (that kernel took 14.1-14.5
+// instead of 11.9-12.2 ms on a 2000 x 101 x 1000 example).
 inline v8f splat8(float x) {
   const v8f r = {x};
   return __builtin_shufflevector(r, r, 0, 0, 0, 0, 0, 0, 0, 0);
