@@ -9,7 +9,9 @@ versions (default ``80;90``; PTX of the last one is embedded too).
 
 ``JAX_TRANSDUCER_SANITIZE=1`` builds the CPU extension with AddressSanitizer and
 UndefinedBehaviorSanitizer (run Python with ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``
-and ``ASAN_OPTIONS=detect_leaks=0``; see .ci/sanitize).
+and ``ASAN_OPTIONS=detect_leaks=0``; see .ci/sanitize). ``JAX_TRANSDUCER_CPU_CLONES=0`` builds
+the float kernels for baseline x86-64 only, without their x86-64-v3 clones: what CPUs without
+AVX2 run, for tests (.ci/baseline).
 """
 
 import os
@@ -30,6 +32,7 @@ CXX_FLAGS = ["-O3", "-fvisibility=hidden", "-fno-trapping-math", "-Wno-psabi"]
 SANITIZE = os.environ.get("JAX_TRANSDUCER_SANITIZE", "0").strip().lower() in ("1", "on", "true", "yes")
 SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                    "-fno-omit-frame-pointer", "-g"]
+NO_CLONES = os.environ.get("JAX_TRANSDUCER_CPU_CLONES", "1").strip().lower() in ("0", "off", "false", "no")
 CUDA_SOURCES = ["lib/cuda/lattice_cuda.cu"]
 
 
@@ -89,7 +92,8 @@ extensions = [
         "jax_transducer._cpu",
         ["lib/ffi/cpu.cc"],
         include_dirs=[FFI_INCLUDE],
-        extra_compile_args=CXX_FLAGS + (SANITIZER_FLAGS if SANITIZE else []),
+        extra_compile_args=(CXX_FLAGS + (SANITIZER_FLAGS if SANITIZE else [])
+                            + (["-DJT_NO_CPU_CLONES"] if NO_CLONES else [])),
         extra_link_args=SANITIZER_FLAGS if SANITIZE else [],
         cxx_std=17,
     )

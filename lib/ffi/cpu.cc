@@ -48,10 +48,17 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
 
 // The lattice loops vectorise; builds must run on any x86-64 CPU, so float versions are also
 // compiled for x86-64-v3 (AVX2, FMA) and picked at load time (no -march=native).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// JT_NO_CPU_CLONES (setup.py's JAX_TRANSDUCER_CPU_CLONES=0) leaves only the baseline build, so
+// that tests can run what CPUs without AVX2 run (.ci/baseline).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(JT_NO_CPU_CLONES)
 #define JT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
+#define JT_HAS_CPU_CLONES true
+#elif defined(__GNUC__)
+#define JT_CPU_CLONES __attribute__((flatten))  // as the default clone is compiled
+#define JT_HAS_CPU_CLONES false
 #else
 #define JT_CPU_CLONES
+#define JT_HAS_CPU_CLONES false
 #endif
 
 template <typename T>
@@ -594,6 +601,8 @@ PYBIND11_MODULE(_cpu, m) {
     jax_transducer::cpu::exp_shifted(x.data(), x.size(), 0.0f, b.mutable_data());
     return pybind11::make_tuple(a, b);
   });
+  // Whether the float kernels have their x86-64-v3 clones (false in .ci/baseline's build).
+  m.def("has_clones", []() { return JT_HAS_CPU_CLONES; });
   m.def("registrations", []() {
     namespace py = pybind11;
     py::dict d;
