@@ -53,7 +53,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(JT_NO_CPU_CLONES)
 #define JT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
 #define JT_HAS_CPU_CLONES true
-#elif defined(__GNUC__)
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define JT_CPU_CLONES __attribute__((flatten))  // as the default clone is compiled
 #define JT_HAS_CPU_CLONES false
 #else
